@@ -1,0 +1,41 @@
+"""distrib: run one program as many cooperating processes, and reduce tensors between them fast.
+
+Three layers, each behind one small interface:
+
+- :mod:`distrib.launcher`    starts the processes (``distrib.launch``, ``distrib-run``)
+- :mod:`distrib.coordinator` small control messages: barrier, broadcast, all_gather
+- :mod:`distrib.communicator` tensor data between devices: all_reduce and friends
+"""
+from .errors import (
+    CommunicatorError,
+    ConfigError,
+    CoordinatorError,
+    DistribError,
+    DistribTimeoutError,
+    LaunchError,
+    WorkerFailedError,
+    WorkerFailure,
+)
+from .info import LaunchInfo
+from .launcher import launch
+from .runtime import Context, get_context, init, is_initialized, shutdown
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CommunicatorError",
+    "ConfigError",
+    "Context",
+    "CoordinatorError",
+    "DistribError",
+    "DistribTimeoutError",
+    "LaunchError",
+    "LaunchInfo",
+    "WorkerFailedError",
+    "WorkerFailure",
+    "get_context",
+    "init",
+    "is_initialized",
+    "launch",
+    "shutdown",
+]

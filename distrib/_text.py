@@ -1,0 +1,17 @@
+"""Small text helpers for messages."""
+from __future__ import annotations
+
+from typing import Iterable
+
+
+def format_ranks(ranks: Iterable[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (sorted, duplicates dropped)."""
+    ordered = sorted(set(ranks))
+    out, start = [], None
+    for i, r in enumerate(ordered):
+        if start is None:
+            start = r
+        if i + 1 == len(ordered) or ordered[i + 1] != r + 1:
+            out.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(out)

@@ -1,0 +1,313 @@
+"""The multiprocessing launcher behind :func:`distrib.launch`.
+
+The launching process hosts the rendezvous store (bound before any worker
+starts, so the port cannot be taken), starts one process per rank, and
+supervises them: results come back over a pipe per rank, and the first
+failure (an exception, a signal, a non-zero exit) tears the others down.
+
+Workers lead their own process groups, so a worker's children go with it
+and a terminal's Ctrl-C reaches only the launcher, which stops everything.
+Workers die with the launcher even when it is SIGKILLed (PR_SET_PDEATHSIG).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.connection as mp_connection
+import os
+import pickle
+import secrets
+import socket
+import sys
+import time
+import traceback
+import uuid
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+from .._text import format_ranks
+from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailedError, WorkerFailure
+from ..info import LaunchInfo
+from .api import Launcher, launchers
+from ._process import die_with_parent, signal_name, terminate_trees
+
+__all__ = ["MultiprocessingLauncher", "launch"]
+
+Devices = Union[None, str, Sequence[int]]
+
+
+@launchers.register("multiprocessing")
+class MultiprocessingLauncher(Launcher):
+    """Runs a Python callable in ``nprocs`` processes on this machine."""
+
+    name = "multiprocessing"
+
+    def __init__(self, start_method: str = "spawn", grace: float = 1.0):
+        if start_method == "fork":
+            raise ConfigError(
+                "start_method='fork' is not supported: the launcher's rendezvous store runs "
+                "threads, and forking a process with threads can deadlock the workers. Use "
+                "'forkserver' (fastest: torch is imported once, in the fork server) or 'spawn'.")
+        if start_method not in mp.get_all_start_methods():
+            raise ConfigError(
+                f"start_method={start_method!r} is not available here; expected 'spawn' or "
+                "'forkserver'")
+        self.start_method = start_method
+        self.grace = grace
+
+    def run(self, target: Callable, nprocs: int, args: Sequence = (),
+            kwargs: Optional[Mapping[str, Any]] = None, *, launch_id: Optional[str] = None,
+            timeout: Optional[float] = None, devices: Devices = None,
+            master_port: Optional[int] = None, env: Optional[Mapping[str, str]] = None) -> list[Any]:
+        _check_arguments(target, nprocs, timeout)
+        device_of = _assign_devices(devices, nprocs)
+        launch_id = launch_id or uuid.uuid4().hex
+        from .._store import AGENT_STORE_VAR, host_store
+
+        store, port = host_store(launch_id, nprocs, port=master_port)
+        secret = secrets.token_hex(16)
+        ctx = mp.get_context(self.start_method)
+        if self.start_method == "forkserver":
+            # Workers fork from a server that has imported torch once.
+            ctx.set_forkserver_preload(["torch", "torch.distributed", "distrib"])
+        workers: list[_Worker] = []
+        try:
+            for rank in range(nprocs):
+                info = LaunchInfo(launch_id=launch_id, rank=rank, world_size=nprocs,
+                                  local_rank=rank, local_world_size=nprocs, node_rank=0,
+                                  nnodes=1, master_addr="127.0.0.1", master_port=port,
+                                  secret=secret)
+                worker_env = {**(env or {}), **info.to_env(), AGENT_STORE_VAR: "True"}
+                if device_of[rank] is not None:
+                    worker_env["DISTRIB_DEVICE"] = str(device_of[rank])
+                workers.append(_Worker.start(ctx, rank, target, tuple(args), dict(kwargs or {}),
+                                             worker_env, device_of[rank]))
+            return _supervise(workers, timeout)
+        finally:
+            terminate_trees([w.process.pid for w in workers if w.process.pid], self.grace)
+            for w in workers:
+                w.process.join(timeout=5)
+                w.conn.close()
+            del store
+
+
+def launch(fn: Callable, nprocs: int, args: Sequence = (), kwargs: Optional[Mapping[str, Any]] = None,
+           *, launch_id: Optional[str] = None, timeout: Optional[float] = None,
+           devices: Devices = None, start_method: str = "spawn") -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` in ``nprocs`` processes; return their results in rank order.
+
+    Each process can call :func:`distrib.init` for its LaunchInfo and
+    Coordinator. ``fn`` must be picklable: a module-level function, also one
+    defined in a script's ``__main__`` (keep the ``launch`` call under
+    ``if __name__ == "__main__":``).
+
+    - If any rank fails, the others are stopped and :class:`WorkerFailedError`
+      names the first failing rank, its exception and its traceback.
+    - ``timeout`` (seconds) bounds the whole launch; on expiry
+      :class:`DistribTimeoutError` names the ranks still running.
+    - ``start_method``: ``"spawn"`` (a fresh interpreter per rank) or
+      ``"forkserver"`` (ranks fork from a server that imported torch once,
+      much faster to start when ranks import torch).
+    - ``devices``: ``None`` gives rank ``r`` GPU ``r`` when GPUs are visible
+      (nothing GPU-related is touched on machines without them); a list picks
+      the GPUs (``[0, 2]``); ``[]`` or ``"cpu"`` uses none.
+    """
+    return MultiprocessingLauncher(start_method).run(
+        fn, nprocs, args, kwargs, launch_id=launch_id, timeout=timeout, devices=devices)
+
+
+# -- parent side --------------------------------------------------------------
+
+class _Worker:
+    def __init__(self, rank: int, process, conn):
+        self.rank = rank
+        self.process = process
+        self.conn = conn
+        self.result: Any = _NO_RESULT
+        self.failure: Optional[WorkerFailure] = None
+        self.conn_open = True
+
+    @classmethod
+    def start(cls, ctx, rank, target, args, kwargs, env, device) -> "_Worker":
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=_worker_main, name=f"distrib-rank{rank}", daemon=False,
+                              args=(target, args, kwargs, env, device, os.getpid(), child_end))
+        try:
+            process.start()
+        except Exception as exc:
+            raise LaunchError(f"could not start rank {rank}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            child_end.close()
+        return cls(rank, process, parent_end)
+
+    def read(self) -> None:
+        """Take the worker's report, if it sent one."""
+        try:
+            kind, *payload = self.conn.recv()
+        except (EOFError, OSError):
+            self.conn_open = False
+            return
+        except Exception as exc:  # the result could not be unpickled here
+            self.failure = WorkerFailure(rank=self.rank, timestamp=time.time(), exc_type="LaunchError",
+                                         message=f"its return value could not be unpickled: {exc}")
+            return
+        if kind == "ok":
+            self.result = payload[0]
+        else:
+            exc_type, message, tb, host = payload
+            self.failure = WorkerFailure(rank=self.rank, timestamp=time.time(), exc_type=exc_type,
+                                         message=message, traceback=tb, host=host)
+
+    def exited(self) -> None:
+        """The process has ended: drain its pipe and explain the exit."""
+        self.process.join()
+        while self.conn_open and self.conn.poll():
+            self.read()
+        self.conn_open = False
+        if self.failure is not None:
+            return
+        code = self.process.exitcode
+        now = time.time()
+        if code is not None and code < 0:
+            self.failure = WorkerFailure(rank=self.rank, timestamp=now, signal_name=signal_name(-code))
+        elif code != 0:
+            self.failure = WorkerFailure(rank=self.rank, timestamp=now, exitcode=code)
+        elif self.result is _NO_RESULT:
+            self.failure = WorkerFailure(rank=self.rank, timestamp=now, exitcode=0,
+                                         message="exited without returning (os._exit?)")
+
+
+def _supervise(workers: list[_Worker], timeout: Optional[float]) -> list[Any]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    running = {w.rank: w for w in workers}
+    while running:
+        waitables = {}
+        for w in running.values():
+            waitables[w.process.sentinel] = (w, "exit")
+            if w.conn_open:
+                waitables[w.conn] = (w, "report")
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = mp_connection.wait(list(waitables), timeout=remaining)
+        # Reports before exits: a worker's exception explains its exit.
+        for obj in sorted(ready, key=lambda o: waitables[o][1] != "report"):
+            worker, event = waitables[obj]
+            if event == "report":
+                worker.read()
+            else:
+                worker.exited()
+                running.pop(worker.rank, None)
+        failed = [w.failure for w in workers if w.failure is not None]
+        if failed:
+            raise WorkerFailedError(failed)
+        if deadline is not None and not ready and time.monotonic() >= deadline:
+            still = sorted(running)
+            raise DistribTimeoutError(
+                f"launch timed out after {timeout:g}s; ranks {format_ranks(still)} were still running "
+                "and have been stopped", missing=still)
+    return [w.result for w in workers]
+
+
+def _check_arguments(target, nprocs, timeout) -> None:
+    if getattr(mp.current_process(), "_inheriting", False):
+        raise LaunchError(
+            "distrib.launch() was called while a worker process was importing your script. "
+            "Put the call under `if __name__ == \"__main__\":` so that workers do not launch again.")
+    if not callable(target):
+        raise ConfigError(f"fn must be callable, got {type(target).__name__}")
+    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
+        raise ConfigError(f"nprocs={nprocs!r} is invalid; expected an integer >= 1")
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"timeout={timeout!r} is invalid; expected seconds > 0 or None")
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process could use, found without initialising CUDA (fork stays safe)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    if torch.version.cuda is None:
+        return 0
+    previous = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    try:
+        return torch.cuda.device_count()
+    finally:
+        if previous is None:
+            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+        else:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = previous
+
+
+def _assign_devices(devices: Devices, nprocs: int) -> list[Optional[int]]:
+    if devices == "cpu" or (devices is not None and not isinstance(devices, str) and len(devices) == 0):
+        return [None] * nprocs
+    if isinstance(devices, str):
+        raise ConfigError(f"devices={devices!r} is invalid; expected None, 'cpu' or a list of GPU indices")
+    count = visible_gpu_count()
+    if devices is None:
+        if count == 0:
+            return [None] * nprocs
+        if nprocs > count:
+            raise ConfigError(
+                f"nprocs={nprocs} but only {count} GPUs are visible; expected nprocs <= {count}, "
+                "or devices=[] to run without GPUs")
+        return list(range(nprocs))
+    chosen = list(devices)
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in chosen):
+        raise ConfigError(f"devices={chosen!r} is invalid; expected non-negative GPU indices")
+    if len(chosen) != nprocs:
+        raise ConfigError(f"devices={chosen!r} names {len(chosen)} GPUs for nprocs={nprocs}; "
+                          "expected one GPU per process")
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"devices={chosen!r} repeats a GPU; expected one distinct GPU per process")
+    if max(chosen) >= count:
+        raise ConfigError(f"devices={chosen!r} names GPU {max(chosen)}, but {count} GPUs are visible")
+    return chosen
+
+
+# -- worker side -----------------------------------------------------------------
+
+_NO_RESULT = object()
+
+
+def _worker_main(target, args, kwargs, env, device, parent_pid, conn) -> None:
+    os.setpgrp()  # lead a group: the launcher stops this worker and its children together
+    die_with_parent(parent_pid)
+    os.environ.update(env)
+    code = 0
+    try:
+        if device is not None:
+            import torch
+
+            torch.cuda.set_device(device)  # before anything else creates a CUDA context
+        result = target(*args, **kwargs)
+        message = ("ok", result)
+        try:
+            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise LaunchError(f"the return value ({type(result).__name__}) cannot be pickled: {exc}") from exc
+        conn.send_bytes(data)
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            conn.send(("ok", None))
+        else:
+            code = exc.code if isinstance(exc.code, int) else 1
+            _report(conn, exc)
+    except BaseException as exc:
+        code = 1
+        _report(conn, exc)
+    finally:
+        from ..runtime import shutdown
+
+        shutdown()
+        conn.close()
+    if code:
+        sys.exit(code)
+
+
+def _report(conn, exc: BaseException) -> None:
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+    try:
+        conn.send(("error", name, str(exc), traceback.format_exc(), socket.gethostname()))
+    except Exception:
+        pass

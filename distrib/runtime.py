@@ -1,0 +1,113 @@
+"""Per-process runtime: :func:`init` and :func:`shutdown`.
+
+``init()`` reads this process's LaunchInfo from the environment, starts the
+Coordinator once, and returns a :class:`Context`. Calling it again returns
+the same context. A process started without any launcher (plain
+``python script.py``) is a world of one.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from .coordinator.api import Coordinator, coordinators
+from .errors import ConfigError
+from .info import LaunchInfo
+
+__all__ = ["Context", "init", "shutdown", "get_context", "is_initialized", "environment_sources"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What ``distrib.init()`` returns: who this process is, and how to talk to the others."""
+
+    info: LaunchInfo
+    coordinator: Coordinator
+    device: Optional[int] = None  # the GPU index the launcher gave this rank, if any
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size
+
+
+_lock = threading.Lock()
+_context: Optional[Context] = None
+
+# Functions that may recognise a scheduler's environment (SLURM, …) and
+# return the LaunchInfo variables it implies, or None. Explicit variables
+# always win; see _resolve_info.
+environment_sources: list = []
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def init(coordinator: str = "gloo", timeout: Optional[float] = None) -> Context:
+    """Start (once) and return this process's distrib context.
+
+    ``coordinator`` names a registered Coordinator; ``timeout`` is its
+    default for blocking calls (seconds).
+    """
+    global _context
+    with _lock:
+        if _context is not None:
+            return _context
+        info = _resolve_info(os.environ)
+        cls = coordinators.get(coordinator)
+        coord = cls(info, timeout=timeout)
+        device = os.environ.get("DISTRIB_DEVICE")
+        _context = Context(info=info, coordinator=coord,
+                           device=int(device) if device not in (None, "") else None)
+        return _context
+
+
+def get_context() -> Context:
+    """The context made by :func:`init`; raises if ``init`` has not run."""
+    if _context is None:
+        raise ConfigError("distrib.init() has not been called in this process")
+    return _context
+
+
+def is_initialized() -> bool:
+    return _context is not None
+
+
+def shutdown() -> None:
+    """Close this process's coordinator. Idempotent; not a collective."""
+    global _context
+    with _lock:
+        ctx, _context = _context, None
+    if ctx is not None:
+        ctx.coordinator.close()
+
+
+atexit.register(shutdown)
+
+
+def _resolve_info(environ: Mapping[str, str]) -> LaunchInfo:
+    present = [v for v in _LAUNCH_VARS if environ.get(v)]
+    if not present:
+        for source in environment_sources:
+            detected = source(environ)
+            if detected is not None:
+                return LaunchInfo.from_env({**detected, **environ})
+        return _single_process_info()
+    return LaunchInfo.from_env(environ)
+
+
+def _single_process_info() -> LaunchInfo:
+    """A world of one, for a program run without any launcher."""
+    with socket.socket() as s:  # rank 0 binds this port again at once, as the store host
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return LaunchInfo(launch_id=f"single-{os.getpid()}-{secrets.token_hex(4)}", rank=0,
+                      world_size=1, local_rank=0, local_world_size=1, node_rank=0, nnodes=1,
+                      master_addr="127.0.0.1", master_port=port, secret=secrets.token_hex(16))
