@@ -1,0 +1,408 @@
+// Custom P2P all-reduce for one node: one-shot and two-shot, bf16 / fp16 / fp32, sum.
+//
+// Every rank owns one IPC-shared allocation laid out as
+//     [ Signal | staging (max_bytes) | scratch (max_bytes) ]
+// and has opened every peer's allocation (CUDA IPC), so a kernel on rank r can
+// read and write rank p's memory over NVLink with ordinary loads and stores.
+//
+// Data paths
+// - staged (eager calls, in-place calls, captures outside `capture()`): each
+//   block first copies its stripe of the input into this rank's staging
+//   buffer, so a call is one kernel launch, not a copy plus a kernel;
+// - registered (out-of-place calls captured inside `capture()`): peers read the
+//   caller's input tensor directly; its IPC address on every rank is written
+//   into a RankData slot after the capture ends.
+// Either way the kernel reads peer p's input through data->ptrs[p].
+//
+// Every rank reduces in the fixed order p = 0, 1, …, N-1, accumulating in
+// float32, so all ranks produce bitwise the same result.
+//
+// ---------------------------------------------------------------------------
+// The barrier, and why it is correct under the PTX memory model
+// ---------------------------------------------------------------------------
+// A barrier is per block: block b of rank r meets block b of every peer (all
+// ranks launch the same grid for the same call, so block b exists everywhere).
+//
+// Counters, never flags. Signal::arrive[b][p] on rank r holds the number of
+// barriers that block b of rank p has *entered*. Each block keeps its own count
+// in Signal::epoch[b] (read at kernel start, written back at kernel end), so a
+// barrier's target value is simply "one more than last time". Counters only
+// grow; nothing is ever reset to 0. This removes the race of the 0/1 flag
+// scheme (seed 000): there, a fast peer could set the next round's flag before
+// a slow peer reset the previous one, and the reset then erased a real arrival
+// -> a wait that never ends. With monotonic counters a late write can only be
+// a smaller number, and waits compare with ">= target" (wrap-safe as a signed
+// difference), so an early arrival for the next round also satisfies this one
+// and is never lost.
+//
+// Ordering. Thread p of block b (p < N) does, at barrier k:
+//   1. __syncthreads()            every thread of the block has finished its
+//                                 stores (staging copy, partial results) and
+//                                 its loads of peer memory for this phase;
+//   2. st.release.sys  peer_p.arrive[b][r] = k
+//   3. ld.acquire.sys  self.arrive[b][p] until >= k   (bounded, see below)
+//   4. __syncthreads()            the acquire is published to the whole block.
+// (1)+(2): bar.sync orders all of the block's prior accesses before thread p's
+// release store in causality order, and a release is cumulative, so a peer
+// that observes the counter (3, acquire) also observes every store the block
+// made before the barrier (its staging copy, its scratch results), at system
+// scope, i.e. across the NVLink fabric. Prior *loads* are ordered too: the
+// release at the end barrier cannot be observed before this block's reads of
+// peer buffers are done, which is what lets a peer overwrite its staging
+// buffer in its next call.
+// (3)+(4): the acquire load synchronises-with the peer's release; bar.sync
+// then extends that to every thread of the block before it touches peer data.
+// Data written by earlier kernels on the stream (the caller's input in the
+// registered path) precede this kernel in stream order and hence precede the
+// release of the start barrier.
+// No __threadfence_system() is needed in the hot path: release/acquire at
+// .sys scope gives exactly the pairwise ordering required, without a full
+// fence (seed 000 measured ~6 µs for that fence on A100).
+//
+// Bounded waits. Each wait spins on %globaltimer and gives up after
+// timeout_ns. The first block to give up records (1 + peer, block) in a
+// host-mapped error word, and the kernel skips all remaining phases of this
+// call; the host reads the word and raises an error naming the peer.
+// ---------------------------------------------------------------------------
+
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#ifndef DISTRIB_MAX_RANKS
+#define DISTRIB_MAX_RANKS 8
+#endif
+#ifndef DISTRIB_MAX_BLOCKS
+#define DISTRIB_MAX_BLOCKS 64
+#endif
+// The Lamport kernel always runs this many blocks (see lamport_one_shot).
+#ifndef DISTRIB_LAMPORT_BLOCKS
+#define DISTRIB_LAMPORT_BLOCKS 8
+#endif
+
+namespace distrib {
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// Lives at the start of each rank's IPC allocation; zeroed once at creation.
+struct Signal {
+  u32 arrive[DISTRIB_MAX_BLOCKS][DISTRIB_MAX_RANKS];  // written by peers
+  u32 epoch[DISTRIB_MAX_BLOCKS];                      // this rank's own counts
+  u32 p2p_check[DISTRIB_MAX_RANKS][4];                // P2P write test scratch
+  u32 lamport_calls[DISTRIB_LAMPORT_BLOCKS];          // Lamport calls made, per block
+};
+
+// Per-call input addresses of every rank (a slot in a device array).
+struct RankData {
+  const void* ptrs[DISTRIB_MAX_RANKS];
+};
+
+// Per-communicator constants (device memory, written once by the host).
+struct Context {
+  Signal* self;
+  Signal* signals[DISTRIB_MAX_RANKS];  // every rank's Signal, self included
+  void* scratch[DISTRIB_MAX_RANKS];    // every rank's scratch buffer
+  volatile u32* error;                 // host-mapped: [0] = 1 + peer, [1] = block
+  u64 timeout_ns;
+  int rank;
+  int lamport_slot_packs;              // capacity of one rank's slot, in 16-byte packs
+  // Every rank's Lamport region: [3 rotations][2 sentinel classes][N ranks][slot].
+  uint4* lamport[DISTRIB_MAX_RANKS];
+};
+
+__device__ __forceinline__ void st_release_sys(u32* addr, u32 value) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(addr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ u32 ld_acquire_sys(const u32* addr) {
+  u32 value;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(value) : "l"(addr) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ u64 global_timer_ns() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Returns false (for the whole block) if some peer did not arrive in time.
+template <int N>
+__device__ __forceinline__ bool barrier(const Context* ctx, u32 target, u64 deadline) {
+  __shared__ int timed_out;
+  if (threadIdx.x == 0) timed_out = 0;
+  __syncthreads();
+  if (threadIdx.x < N) {
+    const int peer = threadIdx.x;
+    st_release_sys(&ctx->signals[peer]->arrive[blockIdx.x][ctx->rank], target);
+    const u32* mine = &ctx->self->arrive[blockIdx.x][peer];
+    while ((int)(ld_acquire_sys(mine) - target) < 0) {
+      if (global_timer_ns() > deadline) {
+        // First failure wins; the host names `peer` in its error.
+        if (atomicCAS((u32*)&ctx->error[0], 0u, (u32)(peer + 1)) == 0u) ctx->error[1] = blockIdx.x;
+        timed_out = 1;
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  return timed_out == 0;
+}
+
+// 16 bytes of T, reduced in float.
+template <typename T> struct Pack;
+template <> struct Pack<float> {
+  static constexpr int n = 4;
+  __device__ static void load(const uint4& v, float* f) {
+    f[0] = __uint_as_float(v.x); f[1] = __uint_as_float(v.y);
+    f[2] = __uint_as_float(v.z); f[3] = __uint_as_float(v.w);
+  }
+  __device__ static uint4 store(const float* f) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
+                      __float_as_uint(f[3]));
+  }
+};
+template <> struct Pack<__half> {
+  static constexpr int n = 8;
+  __device__ static void load(const uint4& v, float* f) {
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float2 x = __half22float2(h[i]);
+      f[2 * i] = x.x; f[2 * i + 1] = x.y;
+    }
+  }
+  __device__ static uint4 store(const float* f) {
+    uint4 v;
+    __half2* h = reinterpret_cast<__half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+    return v;
+  }
+};
+template <> struct Pack<__nv_bfloat16> {
+  static constexpr int n = 8;
+  __device__ static void load(const uint4& v, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float2 x = __bfloat1622float2(h[i]);
+      f[2 * i] = x.x; f[2 * i + 1] = x.y;
+    }
+  }
+  __device__ static uint4 store(const float* f) {
+    uint4 v;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    return v;
+  }
+};
+
+// Sum of pack `idx` over ranks 0..N-1, in that order.
+template <typename T, int N>
+__device__ __forceinline__ uint4 reduce_pack(const RankData* data, int idx) {
+  float acc[Pack<T>::n], x[Pack<T>::n];
+  Pack<T>::load(reinterpret_cast<const uint4*>(data->ptrs[0])[idx], acc);
+#pragma unroll
+  for (int p = 1; p < N; ++p) {
+    Pack<T>::load(reinterpret_cast<const uint4*>(data->ptrs[p])[idx], x);
+#pragma unroll
+    for (int i = 0; i < Pack<T>::n; ++i) acc[i] += x[i];
+  }
+  return Pack<T>::store(acc);
+}
+
+// Copies input packs [begin, end) into this rank's staging buffer, striped
+// over blocks exactly as the reads that follow the next barrier are.
+__device__ __forceinline__ void stage_input(const Context* ctx, const RankData* data,
+                                            const uint4* in, int begin, int end) {
+  if (in == nullptr) return;  // registered path: peers read the caller's tensor
+  uint4* staging = reinterpret_cast<uint4*>(const_cast<void*>(data->ptrs[ctx->rank]));
+  for (int i = begin + blockIdx.x * blockDim.x + threadIdx.x; i < end; i += gridDim.x * blockDim.x)
+    staging[i] = in[i];
+}
+
+// One-shot: every rank reads all of every peer's input and reduces it all.
+// Best for small messages: one data round, N-1 remote reads per element.
+template <typename T, int N>
+__global__ void __launch_bounds__(512) one_shot(const Context* __restrict__ ctx,
+                                                const RankData* __restrict__ data,
+                                                const uint4* __restrict__ in,
+                                                uint4* __restrict__ out, int packs) {
+  u32 epoch = ctx->self->epoch[blockIdx.x];
+  const u64 deadline = global_timer_ns() + ctx->timeout_ns;
+  stage_input(ctx, data, in, 0, packs);
+  if (barrier<N>(ctx, ++epoch, deadline)) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < packs; i += gridDim.x * blockDim.x)
+      out[i] = reduce_pack<T, N>(data, i);
+    // Nobody may overwrite its staging buffer (next call) or its input
+    // (the caller's next kernel) until every peer has finished reading it.
+    barrier<N>(ctx, ++epoch, deadline);
+  }
+  if (threadIdx.x == 0) ctx->self->epoch[blockIdx.x] = epoch;
+}
+
+// Two-shot: reduce-scatter (rank r reduces chunk r into its scratch buffer),
+// then all-gather (every rank copies chunk p from rank p's scratch).
+// Each element crosses the fabric twice instead of N-1 times.
+template <typename T, int N>
+__global__ void __launch_bounds__(512) two_shot(const Context* __restrict__ ctx,
+                                                const RankData* __restrict__ data,
+                                                const uint4* __restrict__ in,
+                                                uint4* __restrict__ out, int packs) {
+  u32 epoch = ctx->self->epoch[blockIdx.x];
+  const u64 deadline = global_timer_ns() + ctx->timeout_ns;
+  const int part = (packs + N - 1) / N;
+  const int rank = ctx->rank;
+  // Stage chunk by chunk with chunk-relative striping: the block that copies
+  // element i is then the block that peers' block of the same index reads it
+  // with, which is what a per-block barrier can vouch for.
+  for (int c = 0; c < N; ++c) stage_input(ctx, data, in, c * part, min((c + 1) * part, packs));
+  if (barrier<N>(ctx, ++epoch, deadline)) {
+    {
+      const int begin = rank * part, end = min(begin + part, packs);
+      uint4* scratch = reinterpret_cast<uint4*>(ctx->scratch[rank]);
+      for (int i = begin + blockIdx.x * blockDim.x + threadIdx.x; i < end; i += gridDim.x * blockDim.x) {
+        const uint4 v = reduce_pack<T, N>(data, i);
+        scratch[i] = v;
+        out[i] = v;
+      }
+    }
+    if (barrier<N>(ctx, ++epoch, deadline)) {
+#pragma unroll
+      for (int step = 1; step < N; ++step) {
+        const int p = (rank + step) % N;  // spread the reads over peers
+        const int begin = p * part, end = min(begin + part, packs);
+        const uint4* scratch = reinterpret_cast<const uint4*>(ctx->scratch[p]);
+        for (int i = begin + blockIdx.x * blockDim.x + threadIdx.x; i < end; i += gridDim.x * blockDim.x)
+          out[i] = scratch[i];
+      }
+      // Scratch and inputs stay untouched until every peer has copied out.
+      barrier<N>(ctx, ++epoch, deadline);
+    }
+  }
+  if (threadIdx.x == 0) ctx->self->epoch[blockIdx.x] = epoch;
+}
+
+// ---------------------------------------------------------------------------
+// Lamport one-shot: no barrier at all
+// ---------------------------------------------------------------------------
+// Each rank *pushes* its input into slot `rank` of every peer's Lamport
+// buffer, then reduces its own buffer as the data lands. Readiness travels
+// with the data: the buffer is pre-filled with a sentinel (-0.0 in every
+// element) that no input can carry, because inputs' -0.0 is written as +0.0
+// (which changes no sum's value). A reader spins until a pack holds no
+// sentinel element; aligned 32-bit stores are single-copy atomic, so an
+// element is either the sentinel or the final value, never a mix.
+//
+// Reuse: the buffer rotates over 3 copies (call k uses copy k % 3), and the
+// owner re-fills each pack with the sentinel right after reading it. A peer
+// writes copy c again only at call k + 3, which it can reach only after
+// receiving this rank's data for calls k + 1 and k + 2, which this rank sends
+// after its call k (and the re-fill in it) has finished in stream order.
+// That causal chain through the data is what orders the re-fill before the
+// peer's next write; the window between them is two whole all-reduces.
+//
+// The rotation counter must agree on every rank and in every block, inside
+// CUDA graphs too, so it lives in device memory, one per block, and the
+// kernel always runs exactly DISTRIB_LAMPORT_BLOCKS blocks.
+//
+// Sentinels: 16-bit types use the word 0x80008000 (-0.0 in both halves),
+// float32 uses 0x80000000. The two classes have separate regions, so a
+// 16-bit call never leaves a word that a float32 call would misread.
+
+template <typename T> struct Sentinel;
+template <> struct Sentinel<float> {
+  static constexpr u32 word = 0x80000000u;
+  static constexpr int cls = 0;
+  __device__ static u32 clean(u32 w) { return w == word ? 0u : w; }
+  __device__ static bool empty(u32 w) { return w == word; }
+};
+template <typename T> struct Sentinel16 {
+  static constexpr u32 word = 0x80008000u;
+  static constexpr int cls = 1;
+  __device__ static u32 clean(u32 w) {
+    if ((w & 0xFFFFu) == 0x8000u) w &= 0xFFFF0000u;
+    if ((w >> 16) == 0x8000u) w &= 0x0000FFFFu;
+    return w;
+  }
+  __device__ static bool empty(u32 w) { return (w & 0xFFFFu) == 0x8000u || (w >> 16) == 0x8000u; }
+};
+template <> struct Sentinel<__half> : Sentinel16<__half> {};
+template <> struct Sentinel<__nv_bfloat16> : Sentinel16<__nv_bfloat16> {};
+
+__device__ __forceinline__ void st_volatile_v4(uint4* addr, uint4 v) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(addr), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w) : "memory");
+}
+
+__device__ __forceinline__ uint4 ld_volatile_v4(const uint4* addr) {
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(addr) : "memory");
+  return v;
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restrict__ ctx,
+                                                        const RankData* __restrict__ unused,
+                                                        const uint4* __restrict__ in,
+                                                        uint4* __restrict__ out, int packs) {
+  typedef Sentinel<T> S;
+  const u32 call = ctx->self->lamport_calls[blockIdx.x];
+  const int rank = ctx->rank;
+  const long slot = ctx->lamport_slot_packs;
+  // Offset of slot 0 of this call's copy, for this sentinel class.
+  const long copy = ((long)(call % 3) * 2 + S::cls) * N * slot;
+  const int stride = gridDim.x * blockDim.x;
+  const int first = blockIdx.x * blockDim.x + threadIdx.x;
+
+  for (int i = first; i < packs; i += stride) {
+    uint4 v = in[i];
+    v = make_uint4(S::clean(v.x), S::clean(v.y), S::clean(v.z), S::clean(v.w));
+#pragma unroll
+    for (int p = 0; p < N; ++p) st_volatile_v4(ctx->lamport[p] + copy + rank * slot + i, v);
+  }
+
+  uint4* mine = ctx->lamport[rank] + copy;
+  const uint4 empty = make_uint4(S::word, S::word, S::word, S::word);
+  const u64 deadline = global_timer_ns() + ctx->timeout_ns;
+  bool ok = true;
+  for (int i = first; i < packs && ok; i += stride) {
+    float acc[Pack<T>::n], x[Pack<T>::n];
+#pragma unroll
+    for (int p = 0; p < N; ++p) {
+      uint4 v = ld_volatile_v4(mine + p * slot + i);
+      for (int spins = 1; S::empty(v.x) || S::empty(v.y) || S::empty(v.z) || S::empty(v.w); ++spins) {
+        if ((spins & 1023) == 0 && global_timer_ns() > deadline) {
+          if (atomicCAS((u32*)&ctx->error[0], 0u, (u32)(p + 1)) == 0u) ctx->error[1] = blockIdx.x;
+          ok = false;
+          break;
+        }
+        v = ld_volatile_v4(mine + p * slot + i);
+      }
+      Pack<T>::load(v, p == 0 ? acc : x);
+      if (p > 0) {
+#pragma unroll
+        for (int e = 0; e < Pack<T>::n; ++e) acc[e] += x[e];
+      }
+    }
+    out[i] = Pack<T>::store(acc);
+#pragma unroll
+    for (int p = 0; p < N; ++p) mine[p * slot + i] = empty;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) ctx->self->lamport_calls[blockIdx.x] = call + 1;
+}
+
+// Writes `pattern` into every peer's p2p_check slot for this rank, through
+// the IPC mapping (the owner reads it back on the host).
+__global__ void p2p_write_test(const Context* __restrict__ ctx, int n, u32 pattern) {
+  const int peer = threadIdx.x;
+  if (peer < n) ctx->signals[peer]->p2p_check[ctx->rank][0] = pattern ^ (u32)peer;
+}
+
+}  // namespace distrib
