@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 from .errors import ConfigError, CoordinatorError
 from .info import LaunchInfo
@@ -27,13 +28,60 @@ def _timedelta(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-def host_store(launch_id: str, world_size: int, port: int | None = None, timeout: float = 300.0):
+def bind_listener(launch_id: str, port: int | None = None) -> tuple[socket.socket, int]:
+    """Bind and listen on the store's port now, before torch is imported. Returns ``(socket, port)``.
+
+    Same port choice as :func:`host_store`. A launcher can start its workers
+    at once and pass the socket to ``host_store(listener=...)`` later:
+    clients that connect in between wait in the listen backlog.
+    """
+    def bind(candidate: int) -> socket.socket:
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 clients too
+            address = ("::", candidate)
+        except OSError:  # no IPv6 on this host
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            address = ("0.0.0.0", candidate)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            if is_address_in_use(exc):
+                raise AddressInUse(candidate) from exc
+            raise
+        return sock
+
+    if port is not None:
+        try:
+            return bind(port), port
+        except AddressInUse:
+            raise ConfigError(
+                f"MASTER_PORT={port} is already in use on this host; expected a free port. "
+                "Choose another, or leave the port unset to derive one from the launch id."
+            ) from None
+    sock = bind_first_free(launch_id, bind)
+    return sock, sock.getsockname()[1]
+
+
+def host_store(launch_id: str, world_size: int, port: int | None = None, timeout: float = 300.0,
+               listener: socket.socket | None = None):
     """Bind a TCPStore server for a launcher. Returns ``(store, port)``.
 
     With ``port=None`` the port comes from the launch id (hash, then probe
-    upward); an explicit port that is taken is an error.
+    upward); an explicit port that is taken is an error. With ``listener``
+    (from :func:`bind_listener`) the store takes over that socket instead.
     """
     from torch.distributed import TCPStore
+
+    if listener is not None:
+        bound = listener.getsockname()[1]
+        # detach(): the store owns the descriptor from now on, and closes it.
+        store = TCPStore("0.0.0.0", bound, world_size, is_master=True, wait_for_workers=False,
+                         timeout=_timedelta(timeout), master_listen_fd=listener.detach())
+        return store, bound
 
     def bind(candidate: int):
         try:

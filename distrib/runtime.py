@@ -19,7 +19,8 @@ from .coordinator.api import Coordinator, coordinators
 from .errors import ConfigError
 from .info import LaunchInfo
 
-__all__ = ["Context", "init", "shutdown", "get_context", "is_initialized", "environment_sources"]
+__all__ = ["Context", "init", "shutdown", "get_context", "is_initialized", "environment_sources",
+           "detect_environment"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,10 @@ _lock = threading.Lock()
 _context: Optional[Context] = None
 
 # Functions that may recognise a scheduler's environment (SLURM, …) and
-# return the LaunchInfo variables it implies, or None. Explicit variables
-# always win; see _resolve_info.
+# return the LaunchInfo variables it implies, or None. A source returns None
+# when a launcher has already set the variables, and raises ConfigError when
+# explicit variables contradict it; otherwise explicit variables win. See
+# detect_environment.
 environment_sources: list = []
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -92,13 +95,23 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
+def detect_environment(environ: Mapping[str, str]) -> Optional[LaunchInfo]:
+    """The LaunchInfo a scheduler's environment implies (explicit variables win), or None."""
+    from .launcher import slurm  # noqa: F401  (registers SLURM detection)
+
+    for source in environment_sources:
+        detected = source(environ)
+        if detected is not None:
+            return LaunchInfo.from_env({**detected, **environ})
+    return None
+
+
 def _resolve_info(environ: Mapping[str, str]) -> LaunchInfo:
+    detected = detect_environment(environ)
+    if detected is not None:
+        return detected
     present = [v for v in _LAUNCH_VARS if environ.get(v)]
     if not present:
-        for source in environment_sources:
-            detected = source(environ)
-            if detected is not None:
-                return LaunchInfo.from_env({**detected, **environ})
         return _single_process_info()
     return LaunchInfo.from_env(environ)
 

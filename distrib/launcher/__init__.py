@@ -1,5 +1,13 @@
-"""Launchers: start the processes of a launch and hand each its LaunchInfo."""
-from .api import Launcher, launchers
-from .multiprocessing import MultiprocessingLauncher, launch
+"""Launchers: start the processes of a launch and hand each its LaunchInfo.
 
-__all__ = ["Launcher", "MultiprocessingLauncher", "launch", "launchers"]
+Registered here: ``multiprocessing`` (:func:`distrib.launch`, Python
+callables), ``subprocess`` (``distrib-run``, programs) and ``slurm``
+(``distrib-run --launcher slurm``, programs through ``srun``).
+"""
+from .api import Command, CommandLauncher, CommandOptions, LaunchInterrupted, Launcher, launchers
+from .multiprocessing import MultiprocessingLauncher, launch
+from .slurm import SlurmLauncher
+from .subprocess import SubprocessLauncher
+
+__all__ = ["Command", "CommandLauncher", "CommandOptions", "LaunchInterrupted", "Launcher",
+           "MultiprocessingLauncher", "SlurmLauncher", "SubprocessLauncher", "launch", "launchers"]

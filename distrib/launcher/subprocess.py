@@ -1,0 +1,400 @@
+"""The subprocess launcher behind ``distrib-run``: a fresh interpreter per worker.
+
+On each node, ``distrib-run`` (this launcher) hosts or joins the launch's
+rendezvous store, starts one process per local rank through the bootstrap
+(:mod:`distrib.launcher._bootstrap`), relays their output line by line with a
+rank prefix, and supervises them:
+
+- the first failure (an exception, a non-zero exit, a signal) stops every
+  worker of the launch, on every node, and is reported as the root cause;
+- SIGINT or SIGTERM to the launcher is passed to every worker's process
+  group; what is still alive after the grace period gets SIGKILL;
+- a SIGKILLed launcher takes its workers with it (PR_SET_PDEATHSIG in each
+  worker), and a guardian process stops their children too.
+
+Node 0's launcher hosts the store (``TORCHELASTIC_USE_AGENT_STORE=True`` tells
+workers, as torchrun does), so a script written for torchrun runs unchanged.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from typing import Callable, Optional
+
+from .._text import format_ranks
+from ..errors import (ConfigError, CoordinatorError, DistribError, DistribTimeoutError,
+                      WorkerFailedError, WorkerFailure)
+from ..info import LaunchInfo
+from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR
+from ._devices import assign_devices, auto_nprocs
+from ._guardian import Guardian
+from ._output import OutputRelay
+from ._process import signal_name
+from ._workers import WorkerProcess, stop_workers
+from .api import Command, CommandLauncher, CommandOptions, LaunchInterrupted, launchers
+
+__all__ = ["SubprocessLauncher"]
+
+_POLL = 0.02              # seconds between looks at the workers
+_REMOTE_POLL = 0.25       # seconds between looks at the other nodes
+_FAILURE_LINGER = 10.0    # node 0 keeps the store up this long for other nodes to read a failure
+
+
+@launchers.register("subprocess")
+class SubprocessLauncher(CommandLauncher):
+    """Runs a command in ``nprocs`` fresh Python processes per node (``distrib-run``)."""
+
+    name = "subprocess"
+
+    def __init__(self, stdout=None, stderr=None):
+        """``stdout``/``stderr``: binary streams for the workers' prefixed output (default: ours)."""
+        self._stdout = stdout
+        self._stderr = stderr
+
+    def run(self, target: Command, nprocs: Optional[int],  # type: ignore[override]
+            options: CommandOptions = CommandOptions()) -> list[int]:
+        if not isinstance(target, Command):
+            raise ConfigError(f"the subprocess launcher runs a Command, got {type(target).__name__}")
+        nprocs = auto_nprocs(options.devices) if nprocs is None else nprocs
+        if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
+            raise ConfigError(f"nprocs={nprocs!r} is invalid; expected an integer >= 1 or auto")
+        _check_nodes(options)
+        device_of = assign_devices(options.devices, nprocs)
+        launch = _Launch(target, nprocs, options, device_of,
+                         self._stdout or sys.stdout.buffer, self._stderr or sys.stderr.buffer)
+        return launch.run()
+
+
+def _check_nodes(options: CommandOptions) -> None:
+    if options.nnodes < 1:
+        raise ConfigError(f"--nnodes {options.nnodes} is invalid; expected an integer >= 1")
+    if not 0 <= options.node_rank < options.nnodes:
+        raise ConfigError(f"--node-rank {options.node_rank} is invalid; expected 0 <= node rank < "
+                          f"--nnodes {options.nnodes}")
+    if options.nnodes > 1 and not options.master_addr:
+        raise ConfigError(f"--nnodes {options.nnodes} needs --master-addr: the address of node 0, "
+                          "reachable from every node")
+    if options.nnodes > 1 and options.master_port is None and not options.launch_id:
+        raise ConfigError(
+            f"--nnodes {options.nnodes} needs --master-port (or --launch-id, from which the port "
+            "is derived), the same on every node, so that the nodes find each other")
+    for name in ("grace", "rdzv_timeout"):
+        if not getattr(options, name) > 0:
+            raise ConfigError(f"{name}={getattr(options, name)!r} is invalid; expected seconds > 0")
+    if options.timeout is not None and not options.timeout > 0:
+        raise ConfigError(f"timeout={options.timeout!r} is invalid; expected seconds > 0")
+
+
+class _Launch:
+    """One node's share of one launch, from the store to the last worker's exit."""
+
+    def __init__(self, command: Command, nprocs: int, options: CommandOptions,
+                 device_of: list, stdout, stderr):
+        self.command = command
+        self.nprocs = nprocs
+        self.options = options
+        self.device_of = device_of
+        self.stdout, self.stderr = stdout, stderr
+        self.multi_node = options.nnodes > 1
+        self.workers: list[WorkerProcess] = []
+        self.signals: list[int] = []
+        self.rendezvous = None
+
+    # -- the whole launch -----------------------------------------------------
+    def run(self) -> list[int]:
+        options = self.options
+        from .._store import AGENT_STORE_VAR
+
+        self._agent_store_var = AGENT_STORE_VAR
+        previous_handlers = self._catch_signals()
+        try:
+            store, listener, launch_id, port, master_addr = self._store()
+        except BaseException:
+            self._restore_signals(previous_handlers)
+            raise
+        scratch = tempfile.mkdtemp(prefix="distrib-run-")
+        guardian = relay = None
+        try:
+            secret = secrets.token_hex(16)
+            if self.multi_node:
+                from ._rendezvous import NodeRendezvous
+
+                self.rendezvous = NodeRendezvous(store, launch_id, options.nnodes, options.node_rank)
+                plan = self.rendezvous.join(self.nprocs, secret, options.rdzv_timeout,
+                                            should_stop=self._stop_requested)
+                world_size, offset, secret = plan.world_size, plan.rank_offset, plan.secret
+            else:
+                world_size, offset = self.nprocs, 0
+            if options.log_dir:
+                os.makedirs(options.log_dir, exist_ok=True)
+            show: Optional[Callable[[int], bool]] = None
+            if options.show_ranks is not None:
+                show = options.show_ranks.__contains__
+            relay = OutputRelay(self.stdout, self.stderr, options.log_dir, show)
+            guardian = Guardian.start()
+            for local_rank in range(self.nprocs):
+                info = LaunchInfo(launch_id=launch_id, rank=offset + local_rank,
+                                  world_size=world_size, local_rank=local_rank,
+                                  local_world_size=self.nprocs, node_rank=options.node_rank,
+                                  nnodes=options.nnodes, master_addr=master_addr,
+                                  master_port=port, secret=secret)
+                self._start(info, scratch, relay, guardian)
+                if self.signals:
+                    break
+            if listener is not None:
+                # The workers are starting; the store takes over the socket they connect to.
+                from .._store import host_store
+
+                store, _ = host_store(launch_id, 1, timeout=options.rdzv_timeout, listener=listener)
+                listener = None
+            return self._supervise()
+        finally:
+            self._stop(signal.SIGTERM)
+            self._restore_signals(previous_handlers)
+            if guardian is not None:
+                guardian.release()
+            if relay is not None:
+                relay.close(timeout=5.0)
+            self._leave()
+            shutil.rmtree(scratch, ignore_errors=True)
+            if listener is not None:
+                listener.close()
+            del store
+
+    def _store(self):
+        """Host (node 0) or reach (other nodes) the store.
+
+        Returns ``(store, listener, launch_id, port, master_addr)``. On a
+        single node only the port is bound here (``listener``), so that the
+        workers start while torch is imported for the store.
+        """
+        from .._store import bind_listener, host_store
+        from ..ports import port_for_launch_id
+
+        options = self.options
+        if not self.multi_node:
+            launch_id = options.launch_id or uuid.uuid4().hex
+            listener, port = bind_listener(launch_id, options.master_port)
+            return None, listener, launch_id, port, options.master_addr or "127.0.0.1"
+        port = options.master_port
+        launch_id = options.launch_id or f"{options.master_addr}:{port}"
+        if port is None:  # every node derives the same port; no probing (others could not follow)
+            port = port_for_launch_id(launch_id)
+        if options.node_rank == 0:
+            store, port = host_store(launch_id, options.nnodes, port=port,
+                                     timeout=options.rdzv_timeout)
+        else:
+            from ._rendezvous import NodeRendezvous
+
+            store = NodeRendezvous.connect(options.master_addr, port, options.node_rank,
+                                           options.rdzv_timeout, should_stop=self._stop_requested)
+        return store, None, launch_id, port, options.master_addr
+
+    def _start(self, info: LaunchInfo, scratch: str, relay: OutputRelay, guardian: Guardian) -> None:
+        options = self.options
+        error_file = os.path.join(options.log_dir or scratch, f"rank{info.rank}.error.json")
+        try:
+            os.unlink(error_file)  # a record from an earlier launch into the same --log-dir
+        except FileNotFoundError:
+            pass
+        env = dict(os.environ)
+        env.update(options.env)
+        env.update(info.to_env())
+        env.update({self._agent_store_var: "True", LAUNCHER_PID_VAR: str(os.getpid()),
+                    ERROR_FILE_VAR: error_file})
+        env.setdefault("PYTHONUNBUFFERED", "1")  # lines reach the console as they are printed
+        if self.nprocs > 1:
+            env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N processes, not N x cores threads
+        if self.multi_node and "GLOO_SOCKET_IFNAME" not in env:
+            interface = _interface_towards(info.master_addr, info.master_port)
+            if interface:
+                env["GLOO_SOCKET_IFNAME"] = interface
+        self._set_device(env, info.local_rank)
+        worker, out_r, err_r = WorkerProcess.start(self.command.bootstrap_argv(), env, info.rank,
+                                                   info.local_rank, error_file)
+        guardian.watch(worker.pid)
+        relay.add(info.rank, out_r, err_r)
+        self.workers.append(worker)
+
+    def _set_device(self, env: dict, local_rank: int) -> None:
+        device = self.device_of[local_rank]
+        if device is None:
+            return
+        if self.options.devices:
+            # Show the chosen GPUs only, in order, so that a script's cuda:LOCAL_RANK is right.
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            names = visible.split(",") if visible else None
+            chosen = [names[d] if names and d < len(names) else str(d) for d in self.options.devices]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
+            env["DISTRIB_DEVICE"] = str(local_rank)
+        else:
+            env["DISTRIB_DEVICE"] = str(device)
+
+    # -- supervision ----------------------------------------------------------
+    def _supervise(self) -> list[int]:
+        options = self.options
+        deadline = None if options.timeout is None else time.monotonic() + options.timeout
+        next_remote = 0.0
+        while True:
+            codes = [w.poll() for w in self.workers]
+            # A failure counts once its process has exited (so that its traceback is
+            # printed in full); its error record's time still makes it the root cause.
+            if any(c not in (None, 0) for c in codes):
+                return self._local_failure()
+            if self.signals:
+                self._interrupted(self.signals[0])
+            if all(c == 0 for c in codes) and len(codes) == self.nprocs:
+                return self._success()
+            if deadline is not None and time.monotonic() >= deadline:
+                running = [w.rank for w, c in zip(self.workers, codes) if c is None]
+                self._stop(signal.SIGTERM)
+                raise DistribTimeoutError(
+                    f"launch timed out after {options.timeout:g}s; ranks {format_ranks(running)} "
+                    "were still running and have been stopped", missing=running)
+            if self.rendezvous is not None and time.monotonic() >= next_remote:
+                next_remote = time.monotonic() + _REMOTE_POLL
+                self._check_other_nodes()
+            time.sleep(_POLL)
+
+    def _success(self) -> list[int]:
+        """This node's workers all exited 0; node 0 waits for the others (their workers use its store)."""
+        if self.rendezvous is not None:
+            self._call_store(self.rendezvous.finish)
+            while self.options.node_rank == 0 and self._call_store(self.rendezvous.pending_nodes):
+                if self.signals:
+                    raise LaunchInterrupted(self.signals[0], (
+                        f"distrib-run received {signal_name(self.signals[0])} while waiting for "
+                        "the other nodes to finish"))
+                self._check_other_nodes()
+                time.sleep(_REMOTE_POLL)
+        return [0] * self.nprocs
+
+    def _local_failure(self):
+        """A local worker failed: tell the other nodes, stop everything, report."""
+        time.sleep(_POLL)  # let ranks failing at the same moment show up before the teardown
+        teardown = time.time()
+        if self.rendezvous is not None:
+            failures = self._failures(teardown)
+            root = min(failures, key=lambda f: (f.timestamp, f.rank))
+            self._call_store(lambda: self.rendezvous.report_failure(root), quiet=True)
+        self._stop(signal.SIGTERM)
+        raise WorkerFailedError(self._failures(teardown))
+
+    def _check_other_nodes(self) -> None:
+        self._call_store(self.rendezvous.beat)
+        remote = self._call_store(self.rendezvous.remote_failures)
+        if remote:
+            teardown = time.time()
+            self._stop(signal.SIGTERM)
+            raise WorkerFailedError(remote + self._failures(teardown))
+        if self.options.node_rank == 0:
+            lost = self._call_store(self.rendezvous.lost_nodes)
+            if lost:
+                self._stop(signal.SIGTERM)
+                raise CoordinatorError(
+                    f"nodes {format_ranks(lost)} stopped responding (their distrib-run was killed, "
+                    "or their host is unreachable); stopped this node's workers")
+
+    def _call_store(self, fn, quiet: bool = False):
+        """A store operation; losing node 0's store stops this node's workers."""
+        try:
+            return fn()
+        except DistribError:
+            raise
+        except Exception as exc:
+            if quiet:
+                return None
+            self._stop(signal.SIGTERM)
+            raise CoordinatorError(
+                f"node {self.options.node_rank} lost the rendezvous store on node 0 "
+                f"({self.options.master_addr}): {exc}. Node 0's distrib-run has probably exited or "
+                "was killed; stopped this node's workers.") from exc
+
+    def _failures(self, teardown: float) -> list[WorkerFailure]:
+        """Workers that failed on their own.
+
+        Every worker that left an error record counts, even one that raised
+        while being stopped (its later timestamp keeps it from being the root
+        cause); a worker that died of a signal or exit code without a record
+        counts only if that happened before ``teardown``, when we began to stop
+        the workers ourselves.
+        """
+        found = []
+        for w in self.workers:
+            w.poll()
+            failure = w.failure()
+            if failure is None:
+                continue
+            if w.has_record() or (w.exit_time is not None and w.exit_time <= teardown):
+                found.append(failure)
+        return found
+
+    def _interrupted(self, signum: int) -> None:
+        running = [w.rank for w in self.workers if w.poll() is None]
+        if self.rendezvous is not None:
+            notice = WorkerFailure(rank=self.workers[0].rank if self.workers else 0,
+                                   timestamp=time.time(), signal_name=signal_name(signum),
+                                   message=f"distrib-run on node {self.options.node_rank} was "
+                                           f"interrupted by {signal_name(signum)}")
+            self._call_store(lambda: self.rendezvous.report_failure(notice), quiet=True)
+        self._stop(signum)
+        raise LaunchInterrupted(signum, (
+            f"distrib-run received {signal_name(signum)}; passed it to ranks "
+            f"{format_ranks(running) or 'none'} and stopped them"))
+
+    # -- stopping -------------------------------------------------------------
+    def _stop(self, first_signal: int) -> None:
+        """Stop every worker (see stop_workers); a further signal to us cuts the grace short."""
+        asked = max(len(self.signals), 1)
+        stop_workers(self.workers, first_signal, self.options.grace,
+                     cut_short=lambda: len(self.signals) > asked)
+
+    def _leave(self) -> None:
+        """Tell the other nodes this node is done; node 0 waits briefly for them to read it."""
+        if self.rendezvous is None:
+            return
+        try:
+            self.rendezvous.finish()
+            if self.options.node_rank == 0:
+                deadline = time.monotonic() + _FAILURE_LINGER + self.options.grace
+                while self.rendezvous.pending_nodes() and time.monotonic() < deadline:
+                    time.sleep(_REMOTE_POLL)
+        except Exception:
+            pass  # node 0's store is gone; there is nobody left to tell
+
+    # -- signals ----------------------------------------------------------------
+    def _stop_requested(self) -> None:
+        """Raise LaunchInterrupted if a signal came while the nodes were meeting."""
+        if self.signals:
+            raise LaunchInterrupted(self.signals[0], (
+                f"distrib-run received {signal_name(self.signals[0])} while the nodes were "
+                "meeting; no worker had started"))
+
+    def _catch_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            self.signals.append(signum)
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signals(previous: dict) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interface_towards(host: str, port: int) -> Optional[str]:
+    """The interface of this host that reaches ``host`` (for GLOO_SOCKET_IFNAME)."""
+    from .._network import interface_of, local_address_towards
+
+    address = local_address_towards(host, port)
+    return interface_of(address) if address else None

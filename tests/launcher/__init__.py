@@ -1,0 +1,1 @@
+"""Tests of the launchers: distrib-run, SLURM, several nodes."""

@@ -1,0 +1,134 @@
+"""Two hosts without a cluster: two network namespaces joined by a veth pair.
+
+Each namespace has its own network stack and address (10.200.0.1 and
+10.200.0.2, which exist only inside them), so the two ``distrib-run --nnodes 2``
+see each other only through the veth pair, as two machines on one network
+would. Needs root (CI runs as root); skipped, with the reason, where network
+namespaces cannot be made.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+
+import pytest
+
+from .conftest import alive, read_pids, script, start_cli, wait_for
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+ADDRESSES = ("10.200.0.1", "10.200.0.2")
+PORT = 29411  # free by construction: nothing else lives in these namespaces
+
+
+@dataclass(frozen=True)
+class TwoHosts:
+    namespaces: tuple[str, str]
+    interfaces: tuple[str, str]
+
+    def prefix(self, host: int) -> list[str]:
+        """Runs a command inside host ``host``'s namespace."""
+        return ["ip", "netns", "exec", self.namespaces[host]]
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    if shutil.which("ip") is None:
+        pytest.skip("the `ip` command (iproute2) is not installed; cannot make network namespaces")
+    tag = str(os.getpid())[-6:]
+    namespaces = (f"distrib-a{tag}", f"distrib-b{tag}")
+    interfaces = (f"dra{tag}", f"drb{tag}")  # interface names have at most 15 characters
+    try:
+        _ip("netns", "add", namespaces[0])
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"cannot create a network namespace (needs root / CAP_SYS_ADMIN): {exc.stderr.strip()}")
+    try:
+        _ip("netns", "add", namespaces[1])
+        _ip("link", "add", interfaces[0], "type", "veth", "peer", "name", interfaces[1])
+        for ns, dev, address in zip(namespaces, interfaces, ADDRESSES):
+            _ip("link", "set", dev, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{address}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        yield TwoHosts(namespaces, interfaces)
+    finally:
+        for ns in namespaces:
+            listed = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in listed.stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)  # nothing of ours may outlive the test
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # takes the veth with it
+
+
+def _node(hosts: TwoHosts, node_rank: int, *args: str) -> subprocess.Popen:
+    return start_cli("--nnodes", "2", "--node-rank", str(node_rank), "--master-addr", ADDRESSES[0],
+                     "--master-port", str(PORT), "--nprocs", "2", "--rdzv-timeout", "60", *args,
+                     prefix=hosts.prefix(node_rank))
+
+
+def _finish(*procs: subprocess.Popen, timeout: float) -> list[tuple[str, str]]:
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return outputs
+
+
+def test_rendezvous_coordinator_and_gloo_all_reduce_across_hosts(two_hosts):
+    nodes = [_node(two_hosts, k, "--show-ranks", "0-3", script("coordinate.py")) for k in (1, 0)]
+    (out1, err1), (out0, err0) = _finish(*nodes, timeout=150)
+    assert nodes[1].returncode == 0, err0
+    assert nodes[0].returncode == 0, err1
+    results = {}
+    for node, out in ((0, out0), (1, out1)):
+        for line in re.findall(r"^\[\d\] RESULT (.*)$", out, re.M):
+            record = json.loads(line)
+            assert record["node"] == node
+            # distrib-run chose the interface that reaches node 0 for gloo
+            assert record["ifname"] == two_hosts.interfaces[node]
+            results[record["rank"]] = record
+    assert sorted(results) == [0, 1, 2, 3]
+    tokens = {r["token"] for r in results.values()}
+    assert len(tokens) == 1 and tokens.pop().startswith("token-from-")  # broadcast from rank 0
+    for record in results.values():
+        assert record["world"] == 4
+        assert record["sum"] == 1 + 2 + 3 + 4  # gloo all-reduce through torch.distributed
+        assert record["gathered"] == [{"rank": r, "node": r // 2, "master": ADDRESSES[0]}
+                                      for r in range(4)]
+
+
+def test_killing_one_hosts_workers_fails_the_other_host_cleanly(two_hosts, tmp_path):
+    nodes = [_node(two_hosts, k, "--grace", "2", script("hang_after_start.py"), str(tmp_path))
+             for k in (0, 1)]
+    try:
+        wait_for(lambda: all((tmp_path / f"rank{r}.pids").exists() for r in range(4)), 120,
+                 "all four ranks to start their coordinators")
+    except AssertionError:
+        outputs = _finish(*nodes, timeout=5)
+        raise AssertionError(f"ranks did not start: {outputs}")
+    pids = read_pids(tmp_path, 4)
+    for pid in pids[2:]:  # node 1's workers
+        os.kill(pid, signal.SIGKILL)
+    (out0, err0), (out1, err1) = _finish(*nodes, timeout=60)
+    assert nodes[1].returncode == 128 + signal.SIGKILL, err1
+    assert re.search(r"rank [23] .*killed by signal SIGKILL.*\[root cause\]", err1), err1
+    # Node 0 learns of it from node 1 and stops its own workers, instead of hanging in a barrier.
+    assert nodes[0].returncode == 128 + signal.SIGKILL, err0
+    assert re.search(r"rank [23] .*killed by signal SIGKILL.*\[root cause\]", err0), err0
+    wait_for(lambda: not any(alive(p) for p in pids), 10, "every worker to be gone")
