@@ -51,12 +51,21 @@ class GlooCoordinator(Coordinator):
         # constructs its coordinator is named by the timeout.
         self._mark_entered()
         try:
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = datetime.timedelta(seconds=self.timeout)
+            options._devices = [_gloo_device(dist, info)]
             self._pg = dist.ProcessGroupGloo(
-                dist.PrefixStore("gloo", self._store), info.rank, info.world_size,
-                datetime.timedelta(seconds=self.timeout),
-            )
+                dist.PrefixStore("gloo", self._store), info.rank, info.world_size, options)
         except Exception as exc:
             raise self._collective_error("coordinator start-up", exc, self.timeout) from exc
+
+    @property
+    def store(self):
+        """The launch's rendezvous store (a torch ``Store``), for components that build
+        their own process groups on it, such as the gloo Communicator. Use your own
+        ``PrefixStore`` on it; never write outside your prefix."""
+        self._check_usable()
+        return self._root_store
 
     # -- gloo collectives ----------------------------------------------------
     def broadcast(self, data: bytes, src: int = 0, timeout: Optional[float] = None) -> bytes:
@@ -212,6 +221,26 @@ class GlooCoordinator(Coordinator):
         pg, self._pg = getattr(self, "_pg", None), None
         del pg  # gloo closes its sockets when the last reference goes
         self._store = self._root_store = None
+
+
+def _gloo_device(dist, info: LaunchInfo):
+    """The gloo device: one that the other ranks can reach, on every host.
+
+    ``GLOO_SOCKET_IFNAME`` (torch's variable) names the interface when set.
+    Otherwise the device binds the local address that routes to
+    MASTER_ADDR, which the other hosts can reach back; gloo's own default
+    (the address the hostname resolves to) is the fallback when no route is
+    found.
+    """
+    from .._network import local_address_towards
+
+    interface = os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0].strip()
+    if interface:
+        return dist.ProcessGroupGloo.create_device(interface=interface)
+    address = local_address_towards(info.master_addr, info.master_port)
+    if address:
+        return dist.ProcessGroupGloo.create_device(hostname=address)
+    return dist.ProcessGroupGloo.create_default_device()
 
 
 def _options(kind: str, timeout: datetime.timedelta, **fields):
