@@ -1,0 +1,361 @@
+"""The Communicator interface: tensor data between the devices of a launch.
+
+A Communicator reduces and moves tensors (``all_reduce`` and friends) among
+every process of a launch, on one kind of device. Every process calls the same
+collective methods in the same order with tensors of the same shape and dtype.
+
+Inputs are PyTorch tensors and CuPy arrays (anything with
+``__cuda_array_interface__`` or ``__dlpack__``) on the communicator's device,
+used in place, never copied. GPU work is enqueued on the caller's current CUDA
+stream (PyTorch's current stream for torch tensors, CuPy's for other arrays),
+so it orders with the caller's kernels and can be captured in a CUDA graph
+where the backend allows; nothing here synchronises with the host.
+
+Bootstrapping follows the proposal: the master makes a unique token, the
+Coordinator hands it to every rank, and each rank initialises with
+``(token, rank, world_size)``. A vendor adds a communicator by subclassing
+:class:`Communicator` and registering it, by name or through the
+``distrib.communicators`` entry-point group::
+
+    @communicators.register("myvendor")
+    class MyCommunicator(Communicator):
+        name = "myvendor"
+        priority = 200                     # the dispatcher tries higher first
+        device_type = DeviceType.CUDA
+        dtypes = frozenset({DType.BFLOAT16, DType.FLOAT32})
+        ops = frozenset({ReduceOp.SUM})
+
+        def _make_token(self) -> bytes: ...            # on the master only
+        def _initialize(self, token: bytes) -> None: ... # on every rank
+        def _all_reduce(self, src, dst, op) -> None: ... # inputs already checked
+        def _close(self) -> None: ...
+"""
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from enum import Enum
+from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional
+
+from ..coordinator.api import Coordinator
+from ..errors import CommunicatorError, ConfigError, DistribError
+from ..registry import Registry
+
+__all__ = ["Collective", "Communicator", "DType", "DeviceType", "ReduceOp", "TensorView",
+           "communicators"]
+
+
+class _StrEnum(str, Enum):
+    def __str__(self) -> str:
+        return self.value
+
+
+class ReduceOp(_StrEnum):
+    """How ``all_reduce`` and ``reduce_scatter`` combine the ranks' values."""
+
+    SUM = "sum"
+    PROD = "prod"
+    MAX = "max"
+    MIN = "min"
+    AVG = "avg"  # floating-point dtypes only: an integer average would truncate
+
+    @classmethod
+    def parse(cls, op: "ReduceOp | str") -> "ReduceOp":
+        """``op`` as a ReduceOp; raises :class:`ConfigError` for an unknown name."""
+        if op.__class__ is cls:
+            return op  # type: ignore[return-value]
+        try:
+            return cls(op.lower() if isinstance(op, str) else op)
+        except ValueError:
+            known = ", ".join(m.value for m in cls)
+            raise ConfigError(f"unknown reduce op {op!r}; expected one of: {known}") from None
+
+
+class DType(_StrEnum):
+    """Element types a communicator may support (names as in torch and NumPy)."""
+
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+    INT8 = "int8"
+    UINT8 = "uint8"
+    INT32 = "int32"
+    INT64 = "int64"
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[self]
+
+    @property
+    def is_floating_point(self) -> bool:
+        return self in (DType.FLOAT16, DType.BFLOAT16, DType.FLOAT32, DType.FLOAT64)
+
+
+_ITEMSIZE = {DType.FLOAT16: 2, DType.BFLOAT16: 2, DType.FLOAT32: 4, DType.FLOAT64: 8,
+             DType.INT8: 1, DType.UINT8: 1, DType.INT32: 4, DType.INT64: 8}
+
+
+class DeviceType(_StrEnum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class Collective(_StrEnum):
+    ALL_REDUCE = "all_reduce"
+    ALL_GATHER = "all_gather"
+    REDUCE_SCATTER = "reduce_scatter"
+    BROADCAST = "broadcast"
+
+
+class TensorView(NamedTuple):
+    """What a communicator needs to know about one caller's tensor, read once.
+
+    ``obj`` is the caller's object (returned by the data calls); ``ptr`` the
+    address of its first element; ``dtype`` is None when the element type is
+    not a :class:`DType` (``dtype_name`` says what it is). ``tensor`` is a
+    torch.Tensor over the same memory when there is one (always on the CPU).
+    """
+
+    obj: Any
+    ptr: int
+    numel: int
+    shape: tuple
+    dtype: Optional[DType]
+    dtype_name: str
+    device_type: str        # "cpu", "cuda", or whatever else the object lives on
+    device_index: Optional[int]
+    contiguous: bool
+    library: str            # "torch", "cupy" or "cuda_array_interface"
+    tensor: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * (self.dtype.itemsize if self.dtype is not None else 0)
+
+
+class Communicator(ABC):
+    """Collective tensor operations among every rank of a launch, on one device.
+
+    Construction is collective: every rank constructs the same class with its
+    coordinator. If any rank cannot start, every rank raises
+    :class:`CommunicatorError` naming the ranks and their reasons.
+
+    The public data calls check their inputs and raise
+    :class:`CommunicatorError` (or :class:`ConfigError` for an unknown op) for
+    a tensor on the wrong device, an unsupported dtype or op, a
+    non-contiguous tensor, a mismatched ``out``, or a closed communicator,
+    before anything is enqueued. Those checks are local: a rank that raises
+    leaves its peers waiting in the collective. With ``debug=True`` (or
+    ``DISTRIB_DEBUG=1``) every call first compares (collective, shape, dtype,
+    op) across ranks through the Coordinator, so a mismatch or a rejected input
+    on any rank raises on every rank instead.
+
+    ``device`` is the CUDA device index of a GPU communicator (ignored by CPU
+    ones). Tensors with no elements are accepted and nothing is enqueued.
+    A subclass does its start-up work in ``_initialize``: a constructor that
+    fails on some ranks before ``super().__init__`` leaves the others out of step.
+    """
+
+    name: ClassVar[str] = "abstract"
+    priority: ClassVar[Optional[int]] = None  # dispatcher order, higher first; None: only by name
+    device_type: ClassVar[DeviceType] = DeviceType.CUDA
+    dtypes: ClassVar[frozenset] = frozenset()  # of DType; an instance may narrow it
+    ops: ClassVar[frozenset] = frozenset()     # of ReduceOp; an instance may narrow it
+
+    def __init__(self, coordinator: Coordinator, device: Any = None, *,
+                 debug: Optional[bool] = None):
+        self._setup(coordinator, device, debug)
+        token = _consensus.agree_on_token(self)
+        reason = None
+        try:
+            self._initialize(token)
+        except DistribError as exc:  # reported to every rank just below
+            reason = str(exc)
+        except Exception as exc:  # noqa: BLE001 — likewise, from the vendor's library
+            reason = f"initialisation failed: {type(exc).__name__}: {exc}"
+        _consensus.agree(self, reason, "start", cleanup=self._close)
+
+    # -- availability -------------------------------------------------------
+    @classmethod
+    def unavailable_reason(cls, coordinator: Coordinator, device: Optional[int]) -> Optional[str]:
+        """None if this communicator can run on this rank for ``device``, else why not.
+
+        Cheap and local (no collective calls): the dispatcher asks every rank
+        and enables the communicator only where every rank answers None.
+        """
+        return None
+
+    def supports(self, collective: Collective) -> bool:
+        """Whether this communicator implements ``collective`` at all."""
+        return collective in _implemented(type(self))  # a str-Enum: "all_gather" works too
+
+    def can_all_reduce(self, tensor: Any, op: "ReduceOp | str" = ReduceOp.SUM) -> Optional[str]:
+        """None if :meth:`all_reduce` would take ``tensor`` and ``op``, else the reason.
+
+        Cheap, local and never raises; the dispatcher calls it on every call.
+        It gives the same answer on every rank for the same shape, dtype and op.
+        """
+        if self._closed:
+            return f"{self.name} is closed"
+        try:
+            view, op = _tensors.as_view(tensor), ReduceOp.parse(op)
+        except DistribError as exc:
+            return str(exc)
+        return self._reject(Collective.ALL_REDUCE, view, op, 0)
+
+    # -- data calls -----------------------------------------------------------
+    def all_reduce(self, tensor: Any, op: "ReduceOp | str" = ReduceOp.SUM, *, out: Any = None) -> Any:
+        """Reduce ``tensor`` over all ranks with ``op``; every rank gets the result.
+
+        In place (returns ``tensor``) by default; with ``out`` (same shape,
+        dtype and device, not overlapping ``tensor``) the result goes there,
+        ``tensor`` is left unchanged, and ``out`` is returned.
+        """
+        return _calls.run(self, Collective.ALL_REDUCE, tensor, op, out, 0)
+
+    def all_gather(self, tensor: Any, *, out: Any = None) -> Any:
+        """Every rank's ``tensor``, concatenated in rank order, on every rank.
+
+        Returns ``out`` (``world_size * tensor.numel()`` elements of the same
+        dtype and device) or, without it, a new array of shape
+        ``(world_size, *tensor.shape)`` of the input's library.
+        """
+        return _calls.run(self, Collective.ALL_GATHER, tensor, ReduceOp.SUM, out, 0)
+
+    def reduce_scatter(self, tensor: Any, op: "ReduceOp | str" = ReduceOp.SUM, *, out: Any = None) -> Any:
+        """Reduce ``tensor`` over all ranks; rank r keeps the r-th of ``world_size`` equal chunks.
+
+        ``tensor.numel()`` must divide by ``world_size``. Returns ``out``
+        (``numel / world_size`` elements) or, without it, a new array of shape
+        ``(shape[0] // world_size, *shape[1:])`` (flat when ``shape[0]`` does not divide).
+        """
+        return _calls.run(self, Collective.REDUCE_SCATTER, tensor, op, out, 0)
+
+    def broadcast(self, tensor: Any, src: int = 0) -> Any:
+        """Overwrite ``tensor`` on every rank with rank ``src``'s; returns ``tensor``."""
+        return _calls.run(self, Collective.BROADCAST, tensor, ReduceOp.SUM, None, src)
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Capture CUDA graphs inside this block.
+
+        A communicator that must prepare captured work (the custom all-reduce
+        registers the captured tensors' IPC addresses) does it when the block
+        ends, collectively; the default needs nothing. Warm-up calls made inside
+        the block but outside a graph capture stay ordinary eager calls.
+        """
+        yield
+
+    # -- lifetime ---------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Release this rank's resources. Idempotent; not a collective.
+
+        Close only after the work enqueued on streams (and CUDA graphs that
+        captured it) is finished with.
+        """
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = f", device={self.device}" if self.device is not None else ""
+        state = ", closed" if self._closed else ""
+        return f"<{type(self).__name__} {self.name!r} rank {self.rank}/{self.world_size}{where}{state}>"
+
+    # -- what an implementation supplies ---------------------------------------
+    @abstractmethod
+    def _make_token(self) -> bytes:
+        """The unique token of a new communicator (runs on the master only)."""
+
+    @abstractmethod
+    def _initialize(self, token: bytes) -> None:
+        """Join the communicator named by ``token`` as (``self.rank``, ``self.world_size``)."""
+
+    @abstractmethod
+    def _all_reduce(self, src: TensorView, dst: TensorView, op: ReduceOp) -> None:
+        """Enqueue the reduction of ``src`` into ``dst`` (``dst is src`` when in place).
+
+        Inputs are checked: on this device, contiguous, a supported dtype and
+        op, at least one element, within :meth:`_check_limits`.
+        """
+
+    def _all_gather(self, src: TensorView, dst: TensorView) -> None:
+        raise CommunicatorError(f"all_gather is not supported by {self.name}")
+
+    def _reduce_scatter(self, src: TensorView, dst: TensorView, op: ReduceOp) -> None:
+        raise CommunicatorError(f"reduce_scatter is not supported by {self.name}")
+
+    def _broadcast(self, view: TensorView, src: int) -> None:
+        raise CommunicatorError(f"broadcast is not supported by {self.name}")
+
+    def _torch_all_reduce(self, view: TensorView, op: ReduceOp) -> Optional[Callable[[Any, Any], None]]:
+        """Optional: a direct launcher for torch tensors like ``view`` (same dtype, shape, device).
+
+        The dispatcher caches it per (dtype, shape, device, op) after the
+        first call has passed every check, and then calls ``fn(tensor, out)``
+        (``out`` None for in place, else contiguous and disjoint) without
+        reading the tensor again: it must re-read only the data pointers and
+        the current stream. Return None to always take the checked path.
+        """
+        return None
+
+    def _check_limits(self, collective: Collective, view: TensorView, op: ReduceOp) -> Optional[str]:
+        """Limits beyond the common checks (a size cap, an alignment), or None.
+
+        Called on every data call after device, dtype, op and layout passed;
+        keep it cheap, and depend only on shape, dtype, op and global state.
+        """
+        return None
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Release this rank's resources (called once)."""
+
+    # -- the shared path of every data call --------------------------------------
+    def _setup(self, coordinator: Coordinator, device: Any, debug: Optional[bool]) -> None:
+        self.coordinator = coordinator
+        self.rank = coordinator.rank
+        self.world_size = coordinator.world_size
+        self.device = _tensors.device_index(device) if self.device_type is DeviceType.CUDA else None
+        self.debug = _tensors.debug_enabled(debug)
+        self._closed = False
+
+    def _reject(self, collective: Collective, view: TensorView, op: ReduceOp, root: int) -> Optional[str]:
+        """Why this communicator cannot run ``collective`` on ``view``, or None."""
+        if self._closed:  # a dispatcher's member closed on its own
+            return f"{self.name} is closed"
+        return (_tensors.common_reject_reason(self, collective, view, op, root)
+                or self._check_limits(collective, view, op))
+
+    def _select(self, collective: Collective, view: TensorView, op: ReduceOp, root: int) -> "Communicator":
+        """The communicator that runs this call (the dispatcher picks one of its chain)."""
+        reason = self._reject(collective, view, op, root)
+        if reason is not None:
+            raise CommunicatorError(f"{self.name} {collective}: {reason}")
+        return self
+
+
+@functools.lru_cache(maxsize=None)
+def _implemented(cls: type) -> frozenset:
+    """The collectives whose hook ``cls`` overrides (all_reduce is required)."""
+    return frozenset(c for c in Collective if c is Collective.ALL_REDUCE
+                     or getattr(cls, f"_{c.value}") is not getattr(Communicator, f"_{c.value}"))
+
+
+communicators: Registry[type[Communicator]] = Registry("communicator", "distrib.communicators")
+
+# Helpers that implement the checks and the call path above; imported last
+# because they use the value types defined here.
+from . import _calls, _consensus, _tensors  # noqa: E402

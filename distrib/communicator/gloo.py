@@ -1,0 +1,160 @@
+"""gloo on CPU tensors: the communicator that makes the whole stack run anywhere.
+
+It owns its own gloo process group, built on a prefixed view of the launch's
+rendezvous store, so it never initialises or changes the user's default
+``torch.distributed`` group. The token the master makes is the store prefix:
+two gloo communicators of one launch never share keys. Every operation has a
+timeout (the coordinator's by default), and a timeout or failure leaves the
+communicator unusable, because ranks may be out of step after it.
+"""
+from __future__ import annotations
+
+import datetime
+import secrets
+from typing import Optional
+
+from ..coordinator.api import DEFAULT_TIMEOUT
+from ..errors import CommunicatorError, DistribTimeoutError
+from .api import Collective, Communicator, DeviceType, DType, ReduceOp, TensorView, communicators
+
+__all__ = ["GlooCommunicator"]
+
+
+@communicators.register("gloo")
+class GlooCommunicator(Communicator):
+    """Collectives on CPU tensors through a private ``ProcessGroupGloo``.
+
+    ``avg`` is a sum followed by a division by ``world_size`` (floating-point
+    dtypes only), so it behaves the same on every PyTorch version.
+    """
+
+    name = "gloo"
+    priority = 0
+    device_type = DeviceType.CPU
+    dtypes = frozenset(DType)
+    ops = frozenset(ReduceOp)
+
+    def __init__(self, coordinator, device=None, *, debug: Optional[bool] = None,
+                 timeout: Optional[float] = None):
+        self.timeout = float(timeout if timeout is not None
+                             else getattr(coordinator, "timeout", DEFAULT_TIMEOUT))
+        self._pg = None
+        self._broken: Optional[str] = None
+        self._native_reduce_scatter = True
+        super().__init__(coordinator, device, debug=debug)
+
+    @classmethod
+    def unavailable_reason(cls, coordinator, device) -> Optional[str]:
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            return "this PyTorch build has no torch.distributed"
+        if not dist.is_gloo_available():
+            return "this PyTorch build has no gloo backend"
+        return None
+
+    def _make_token(self) -> bytes:
+        return secrets.token_hex(8).encode()
+
+    def _initialize(self, token: bytes) -> None:
+        import torch.distributed as dist
+
+        store = _rendezvous_store(self.coordinator, self.timeout)
+        prefix = f"distrib/{self.coordinator.info.launch_id}/communicator/gloo/{token.decode()}"
+        self._pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), self.rank, self.world_size,
+                                         datetime.timedelta(seconds=self.timeout))
+
+    def _check_limits(self, collective: Collective, view: TensorView, op: ReduceOp) -> Optional[str]:
+        if self._broken:
+            return (f"gloo is unusable after an earlier failure ({self._broken}); ranks may be out "
+                    "of step, so the launch should stop")
+        return None
+
+    # -- operations -----------------------------------------------------------
+    def _all_reduce(self, src: TensorView, dst: TensorView, op: ReduceOp) -> None:
+        tensor = dst.tensor
+        if dst.ptr != src.ptr:
+            tensor.copy_(src.tensor)
+        options = _options("AllreduceOptions", self.timeout, reduceOp=_gloo_op(op))
+        self._wait("all_reduce", lambda: self._pg.allreduce([tensor], options))
+        if op is ReduceOp.AVG:
+            tensor.div_(self.world_size)
+
+    def _all_gather(self, src: TensorView, dst: TensorView) -> None:
+        # The list form works on every PyTorch version; the outputs are views of dst.
+        outputs = list(dst.tensor.view(-1).view(self.world_size, src.numel).unbind(0))
+        options = _options("AllgatherOptions", self.timeout)
+        self._wait("all_gather", lambda: self._pg.allgather([outputs], [src.tensor.view(-1)], options))
+
+    def _reduce_scatter(self, src: TensorView, dst: TensorView, op: ReduceOp) -> None:
+        out, flat = dst.tensor.view(-1), src.tensor.view(-1)
+        options = _options("ReduceScatterOptions", self.timeout, reduceOp=_gloo_op(op))
+        if self._native_reduce_scatter:
+            try:
+                self._pg._reduce_scatter_base(out, flat, options).wait()
+            except RuntimeError as exc:
+                if "support" not in str(exc):
+                    self._fail("reduce_scatter", exc)
+                # An older gloo without reduce-scatter: the same on every rank,
+                # and raised before any data moved.
+                self._native_reduce_scatter = False
+        if not self._native_reduce_scatter:
+            whole = flat.clone()
+            options = _options("AllreduceOptions", self.timeout, reduceOp=_gloo_op(op))
+            self._wait("reduce_scatter", lambda: self._pg.allreduce([whole], options))
+            out.copy_(whole.view(self.world_size, -1)[self.rank])
+        if op is ReduceOp.AVG:
+            out.div_(self.world_size)
+
+    def _broadcast(self, view: TensorView, src: int) -> None:
+        options = _options("BroadcastOptions", self.timeout, rootRank=src)
+        self._wait("broadcast", lambda: self._pg.broadcast([view.tensor], options))
+
+    def _close(self) -> None:
+        self._pg = None  # gloo closes its sockets when the last reference goes
+
+    # -- plumbing -------------------------------------------------------------
+    def _wait(self, what: str, start) -> None:
+        try:
+            start().wait()
+        except Exception as exc:  # noqa: BLE001 — every gloo failure becomes ours
+            self._fail(what, exc)
+
+    def _fail(self, what: str, exc: BaseException):
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self._broken = f"{what} failed: {text}"
+        if "timeout" in text.lower() or "timed out" in text.lower():
+            raise DistribTimeoutError(
+                f"gloo {what} timed out after {self.timeout:g}s on rank {self.rank}: a peer did not "
+                "call it with a matching tensor, or has died") from exc
+        raise CommunicatorError(
+            f"gloo {what} failed on rank {self.rank}: {text}. A peer process probably exited or "
+            "passed a different tensor; check its output.") from exc
+
+
+def _rendezvous_store(coordinator, timeout: float):
+    """The coordinator's store when it shares one, else a new client of the launch's store."""
+    store = getattr(coordinator, "store", None)
+    if store is not None:
+        return store
+    from .._store import connect_store
+
+    return connect_store(coordinator.info, timeout)
+
+
+def _gloo_op(op: ReduceOp):
+    from torch._C._distributed_c10d import ReduceOp as TorchReduceOp
+
+    return {ReduceOp.SUM: TorchReduceOp.SUM, ReduceOp.AVG: TorchReduceOp.SUM,
+            ReduceOp.PROD: TorchReduceOp.PRODUCT, ReduceOp.MAX: TorchReduceOp.MAX,
+            ReduceOp.MIN: TorchReduceOp.MIN}[op]
+
+
+def _options(kind: str, timeout: float, **fields):
+    from torch._C import _distributed_c10d as c10d
+
+    options = getattr(c10d, kind)()
+    options.timeout = datetime.timedelta(seconds=timeout)
+    for name, value in fields.items():
+        setattr(options, name, value)
+    return options
