@@ -1,0 +1,228 @@
+"""The custom P2P all-reduce: one node, NVLink-class peer access, small and mid-size tensors.
+
+Each rank shares one buffer with every peer through CUDA IPC; a kernel reads
+(or, for the smallest messages, pushes) peers' data directly and reduces it,
+in a fixed rank order so that every rank gets bitwise the same result. The
+kernels and the memory-ordering argument are in ``kernels/custom_all_reduce.cuh``.
+
+Three algorithms, chosen by size from tables measured per world size (see
+``_custom_tables.py``): a barrier-free Lamport one-shot, a one-shot, and a
+two-shot. Tensors it cannot take (another dtype or op, not a multiple of 16
+bytes, larger than its buffer, non-contiguous) are declined by
+``can_all_reduce`` and the dispatcher sends them to NCCL.
+
+CUDA graphs: all-reduces captured inside :meth:`CustomAllReduceCommunicator.capture`
+read the captured tensors directly (out-of-place calls) and their IPC
+addresses are exchanged once when the ``capture()`` block ends. Whether a call
+is being captured is read from the stream itself, so warm-up calls made
+inside ``capture()`` before the graph starts still take the eager path.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from ..errors import CommunicatorError
+from . import _custom_tables
+from ._custom_all_reduce import SUPPORTED_WORLD_SIZES, p2p_cache_path
+from ._tensors import _torch_stream, stream_of
+from .api import Collective, Communicator, DeviceType, DType, ReduceOp, TensorView, communicators
+
+__all__ = ["CustomAllReduceCommunicator"]
+
+logger = logging.getLogger("distrib.communicator.custom")
+
+DISABLE_VAR = "DISTRIB_DISABLE_CUSTOM_ALL_REDUCE"
+_KERNEL_DTYPES = {DType.FLOAT32: "float32", DType.FLOAT16: "float16", DType.BFLOAT16: "bfloat16"}
+
+
+@communicators.register("custom")
+class CustomAllReduceCommunicator(Communicator):
+    """All-reduce (sum; float32, float16, bfloat16) over CUDA IPC peer buffers, one node.
+
+    Options: ``max_bytes`` (the largest tensor it takes; default from the
+    tables, ``DISTRIB_CUSTOM_MAX_BYTES`` overrides), ``timeout`` (seconds a
+    kernel waits for a peer before it gives up and the host raises naming
+    that peer; default 30, ``DISTRIB_CUSTOM_TIMEOUT``), ``algorithm`` (force
+    one of ``lamport_one_shot``, ``one_shot``, ``two_shot``; for tests and
+    measurements), ``max_blocks`` (the most thread blocks a one- or two-shot
+    kernel uses; default from the tables).
+    """
+
+    name = "custom"
+    priority = 200  # before NCCL (100)
+    device_type = DeviceType.CUDA
+    dtypes = frozenset(_KERNEL_DTYPES)
+    ops = frozenset({ReduceOp.SUM})
+
+    def __init__(self, coordinator, device=None, *, debug: Optional[bool] = None,
+                 max_bytes: Optional[int] = None, timeout: Optional[float] = None,
+                 algorithm: Optional[str] = None, max_blocks: Optional[int] = None):
+        self._engine = None
+        self._options = (max_bytes, timeout, algorithm, max_blocks)
+        super().__init__(coordinator, device, debug=debug)
+
+    # -- availability (cheap, local) ---------------------------------------------------
+    @classmethod
+    def unavailable_reason(cls, coordinator, device) -> Optional[str]:
+        if os.environ.get(DISABLE_VAR, "") not in ("", "0"):
+            return f"disabled by {DISABLE_VAR}"
+        info = coordinator.info
+        if info.nnodes > 1 or info.local_world_size != info.world_size:
+            return "the launch spans nodes; CUDA IPC works only within one node"
+        if info.world_size not in SUPPORTED_WORLD_SIZES:
+            return f"world size {info.world_size} is not supported (supported: {SUPPORTED_WORLD_SIZES})"
+        try:
+            import cupy
+        except ImportError as exc:
+            return f"CuPy is not installed ({exc})"
+        if device is None:
+            return "no CUDA device was given"
+        try:
+            if not 0 <= device < cupy.cuda.runtime.getDeviceCount():
+                return f"device {device} does not exist"
+        except Exception as exc:  # noqa: BLE001 - no driver
+            return f"CUDA is not usable here: {exc}"
+        return None
+
+    # -- start-up (collective) ----------------------------------------------------------
+    def _make_token(self) -> bytes:
+        return b"custom"  # IPC handles are exchanged in _initialize; no id to share
+
+    def _initialize(self, token: bytes) -> None:
+        import cupy
+
+        from ._custom_all_reduce import CustomAllReduceEngine
+
+        rt = cupy.cuda.runtime
+        bus_ids = [b.decode() for b in self.coordinator.all_gather(
+            rt.deviceGetPCIBusId(self.device).encode())]
+        # Check locally, then agree: a rank that raised here alone would leave
+        # the others waiting in the next collective step.
+        reason = _peer_access_problem(self.rank, self.device, bus_ids)
+        problems = [r.decode() for r in self.coordinator.all_gather((reason or "").encode())]
+        if any(problems):
+            raise CommunicatorError("; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p))
+
+        max_bytes, timeout, algorithm, max_blocks = self._options
+        table = _custom_tables.lookup(self.world_size, _device_name(self.device))
+        if max_bytes is None:
+            max_bytes = int(os.environ.get("DISTRIB_CUSTOM_MAX_BYTES", table.max_bytes))
+        if timeout is None:
+            timeout = float(os.environ.get("DISTRIB_CUSTOM_TIMEOUT", 30.0))
+        if algorithm is not None and algorithm not in _custom_tables.ALGORITHMS:
+            raise CommunicatorError(f"algorithm={algorithm!r}; expected one of {_custom_tables.ALGORITHMS}")
+        self.table = table
+        self.algorithm = algorithm
+        self._engine = CustomAllReduceEngine(
+            self.coordinator, self.device, max_bytes=max_bytes,
+            lamport_max_bytes=min(max_bytes, table.lamport_max_bytes if algorithm is None else max_bytes),
+            one_shot_max_bytes=table.one_shot_max_bytes, timeout_s=timeout,
+            max_blocks=max_blocks or table.max_blocks)
+        self.max_bytes = self._engine.limits.max_bytes
+        self._check_p2p(bus_ids)
+
+    def _check_p2p(self, bus_ids: list[str]) -> None:
+        """A real write through every IPC mapping, read back by its owner; cached per device set."""
+        path = p2p_cache_path(bus_ids)
+        cached = None
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+        # Every rank must agree on whether to run the (collective) test.
+        known = self.coordinator.all_gather(b"1" if cached and cached.get("ok") else b"0")
+        if all(k == b"1" for k in known):
+            return
+        reason = self._engine.check_p2p()
+        if self.coordinator.is_local_master():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"ok": reason is None, "reason": reason, "devices": bus_ids}))
+            except OSError:
+                pass
+        if reason is not None:
+            raise CommunicatorError(reason)
+
+    # -- calls ---------------------------------------------------------------------------
+    def _check_limits(self, collective: Collective, view: TensorView, op: ReduceOp) -> Optional[str]:
+        if collective is not Collective.ALL_REDUCE:
+            return f"custom does only all_reduce, not {collective}"
+        nbytes = view.nbytes
+        if nbytes % 16:
+            return f"{nbytes} bytes is not a multiple of 16"
+        if nbytes > self.max_bytes:
+            return f"{nbytes} bytes exceed the registered buffer ({self.max_bytes} bytes)"
+        return None
+
+    def _all_reduce(self, src: TensorView, dst: TensorView, op: ReduceOp) -> None:
+        engine = self._engine
+        stream = stream_of(src)
+        registered = engine.registering and dst.ptr != src.ptr and _is_capturing(stream)
+        engine.launch(_KERNEL_DTYPES[src.dtype], src.ptr, dst.ptr, src.nbytes, stream, registered,
+                      self.algorithm)
+
+    def _torch_all_reduce(self, view: TensorView, op: ReduceOp):
+        engine, algorithm, index = self._engine, self.algorithm, view.device_index
+        kernel_dtype, nbytes = _KERNEL_DTYPES[view.dtype], view.nbytes
+
+        def run(tensor, out) -> None:
+            stream = _torch_stream(index)
+            if out is None:
+                ptr = tensor.data_ptr()
+                engine.launch(kernel_dtype, ptr, ptr, nbytes, stream, False, algorithm)
+            else:
+                registered = engine.registering and _is_capturing(stream)
+                engine.launch(kernel_dtype, tensor.data_ptr(), out.data_ptr(), nbytes, stream,
+                              registered, algorithm)
+        return run
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Capture CUDA graphs inside this block; their inputs are registered when it ends.
+
+        Collective at exit (one exchange of IPC handles for everything captured):
+        every rank must capture the same all-reduces in the same order.
+        """
+        with self._engine.capturing():
+            yield
+        count = self._engine.register_graph_buffers()
+        if count and self.coordinator.is_master():
+            logger.debug("custom all-reduce: registered %d captured inputs", count)
+
+    def check(self) -> None:
+        """Raise :class:`CommunicatorError` if a kernel gave up waiting for a peer."""
+        self._engine.check()
+
+    def _close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+
+
+def _peer_access_problem(rank: int, device: int, bus_ids: list[str]) -> Optional[str]:
+    import cupy
+
+    rt = cupy.cuda.runtime
+    if len(set(bus_ids)) != len(bus_ids):
+        return f"two ranks share one GPU ({bus_ids}); give each rank its own device"
+    for peer, bus_id in enumerate(bus_ids):
+        if peer != rank and not rt.deviceCanAccessPeer(device, rt.deviceGetByPCIBusId(bus_id)):
+            return (f"the driver reports no peer access from {bus_ids[rank]} to rank {peer}'s "
+                    f"{bus_id} (PCIe without P2P?)")
+    return None
+
+
+def _is_capturing(stream: int) -> bool:
+    import cupy
+
+    return cupy.cuda.runtime.streamIsCapturing(stream) != 0
+
+
+def _device_name(device: int) -> str:
+    import cupy
+
+    return cupy.cuda.runtime.getDeviceProperties(device)["name"].decode(errors="replace")

@@ -1,0 +1,57 @@
+"""The kernel source compiles with nvcc, and the host's view of its structs matches C++.
+
+Runs on CPU machines with the CUDA toolkit (CI has nvcc): nothing built here
+touches a GPU. Skipped, with the reason, where nvcc is missing.
+"""
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from distrib.communicator import _custom_all_reduce as host
+from distrib.communicator._custom_all_reduce import kernel_source_dir
+
+NVCC = shutil.which("nvcc")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed")
+
+
+def test_every_kernel_instantiation_compiles_for_sm90a(tmp_path):
+    source = kernel_source_dir() / "custom_all_reduce.cu"
+    result = subprocess.run(
+        [NVCC, "-std=c++17", "-arch=sm_90a", "-DDISTRIB_INSTANTIATE_ALL", "-c", str(source),
+         "-o", str(tmp_path / "custom_all_reduce.o")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+
+
+LAYOUT_PROBE = r"""
+#include <cstdio>
+#include <cstddef>
+#include "custom_all_reduce.cuh"
+int main() {
+  using namespace distrib;
+  std::printf("%zu %zu %zu %zu %zu %d %d\n", sizeof(Signal), offsetof(Signal, p2p_check),
+              sizeof(Context), sizeof(RankData), offsetof(Context, lamport),
+              DISTRIB_MAX_BLOCKS, DISTRIB_LAMPORT_BLOCKS);
+  return 0;
+}
+"""
+
+
+def test_host_struct_layout_matches_the_kernel_headers(tmp_path):
+    probe = tmp_path / "layout.cu"
+    probe.write_text(LAYOUT_PROBE)
+    exe = tmp_path / "layout"
+    build = subprocess.run([NVCC, "-std=c++17", f"-I{kernel_source_dir()}", str(probe), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    signal, p2p_offset, context, rank_data, lamport_offset, max_blocks, lamport_blocks = map(
+        int, subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split())
+    assert signal <= host.SIGNAL_BYTES and host.SIGNAL_BYTES % 16 == 0
+    assert p2p_offset == host._P2P_CHECK_OFFSET
+    assert context == struct.calcsize(host.CONTEXT_FORMAT)
+    assert lamport_offset == struct.calcsize(host.CONTEXT_FORMAT) - 8 * host.MAX_RANKS
+    assert rank_data == host.RANK_DATA_BYTES
+    assert (max_blocks, lamport_blocks) == (host.MAX_BLOCKS, host.LAMPORT_BLOCKS)
