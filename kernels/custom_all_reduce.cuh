@@ -74,7 +74,7 @@
 #define DISTRIB_MAX_RANKS 8
 #endif
 #ifndef DISTRIB_MAX_BLOCKS
-#define DISTRIB_MAX_BLOCKS 64
+#define DISTRIB_MAX_BLOCKS 128
 #endif
 // The Lamport kernel always runs this many blocks (see lamport_one_shot).
 #ifndef DISTRIB_LAMPORT_BLOCKS
