@@ -92,7 +92,7 @@ def config_from(args: argparse.Namespace) -> dict:
         device, nprocs = "cpu", args.nprocs or 2
         sizes, modes, iters = args.sizes or SMOKE_SIZES, ("eager",), min(args.iters, 10)
     else:
-        from ..launcher.multiprocessing import visible_gpu_count
+        from ..launcher._devices import visible_gpu_count
 
         device, nprocs = "cuda", args.nprocs or visible_gpu_count()
         if nprocs < 1:

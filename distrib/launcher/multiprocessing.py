@@ -27,6 +27,7 @@ from .._text import format_ranks
 from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailedError, WorkerFailure
 from ..info import LaunchInfo
 from .api import Launcher, launchers
+from ._devices import visible_gpu_count
 from ._process import die_with_parent, signal_name, terminate_trees
 
 __all__ = ["MultiprocessingLauncher", "launch"]
@@ -216,25 +217,6 @@ def _check_arguments(target, nprocs, timeout) -> None:
         raise ConfigError(f"nprocs={nprocs!r} is invalid; expected an integer >= 1")
     if timeout is not None and not timeout > 0:
         raise ConfigError(f"timeout={timeout!r} is invalid; expected seconds > 0 or None")
-
-
-def visible_gpu_count() -> int:
-    """GPUs this process could use, found without initialising CUDA (fork stays safe)."""
-    try:
-        import torch
-    except ImportError:
-        return 0
-    if torch.version.cuda is None:
-        return 0
-    previous = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
-    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    try:
-        return torch.cuda.device_count()
-    finally:
-        if previous is None:
-            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
-        else:
-            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = previous
 
 
 def _assign_devices(devices: Devices, nprocs: int) -> list[Optional[int]]:
