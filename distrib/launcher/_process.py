@@ -9,7 +9,8 @@ import threading
 import time
 from typing import Iterable
 
-__all__ = ["die_with_parent", "terminate_trees", "signal_name"]
+__all__ = ["die_with_parent", "terminate_trees", "signal_name", "record_stop_signals",
+           "restore_signals"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -48,6 +49,26 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def record_stop_signals(received: list) -> dict:
+    """Append SIGINT/SIGTERM to ``received`` instead of dying; returns the previous handlers.
+
+    Only the main thread may install handlers; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signals(previous: dict) -> None:
+    """Put back the handlers :func:`record_stop_signals` replaced."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def signal_name(signum: int) -> str:

@@ -18,7 +18,7 @@ from typing import Optional
 from ..errors import DistribTimeoutError, LaunchError, WorkerFailedError, WorkerFailure
 from ._errorfile import read_error_file
 from ._output import log_file_path
-from ._process import signal_name
+from ._process import record_stop_signals, restore_signals, signal_name
 from .api import CommandOptions, LaunchInterrupted
 
 __all__ = ["SrunStep"]
@@ -50,7 +50,7 @@ class SrunStep:
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as exc:
             raise LaunchError(f"could not start srun ({self.argv[0]}): {exc}") from exc
-        previous = self._catch_signals()
+        previous = record_stop_signals(self.signals)
         readers = [threading.Thread(target=self._relay, args=(process.stdout, self.stdout), daemon=True),
                    threading.Thread(target=self._relay, args=(process.stderr, self.stderr), daemon=True)]
         for reader in readers:
@@ -58,8 +58,7 @@ class SrunStep:
         try:
             code = self._wait(process)
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            restore_signals(previous)
             for reader in readers:
                 reader.join(timeout=5)
             for log in self._logs.values():
@@ -178,15 +177,6 @@ class SrunStep:
                                         message="srun failed before any task ended; see its "
                                                 "messages above")
         return list(failures.values())
-
-    def _catch_signals(self) -> dict:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum, frame):
-            self.signals.append(signum)
-
-        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _failure_from_report(rank: int, when: float, host: str, what: str) -> WorkerFailure:

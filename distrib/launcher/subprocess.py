@@ -23,7 +23,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from typing import Callable, Optional
@@ -36,7 +35,7 @@ from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR
 from ._devices import assign_devices, auto_nprocs
 from ._guardian import Guardian
 from ._output import OutputRelay
-from ._process import signal_name
+from ._process import record_stop_signals, restore_signals, signal_name
 from ._workers import WorkerProcess, stop_workers
 from .api import Command, CommandLauncher, CommandOptions, LaunchInterrupted, launchers
 
@@ -113,11 +112,11 @@ class _Launch:
         from .._store import AGENT_STORE_VAR
 
         self._agent_store_var = AGENT_STORE_VAR
-        previous_handlers = self._catch_signals()
+        previous_handlers = record_stop_signals(self.signals)
         try:
             store, listener, launch_id, port, master_addr = self._store()
         except BaseException:
-            self._restore_signals(previous_handlers)
+            restore_signals(previous_handlers)
             raise
         scratch = tempfile.mkdtemp(prefix="distrib-run-")
         guardian = relay = None
@@ -157,7 +156,7 @@ class _Launch:
             return self._supervise()
         finally:
             self._stop(signal.SIGTERM)
-            self._restore_signals(previous_handlers)
+            restore_signals(previous_handlers)
             if guardian is not None:
                 guardian.release()
             if relay is not None:
@@ -377,19 +376,6 @@ class _Launch:
                 f"distrib-run received {signal_name(self.signals[0])} while the nodes were "
                 "meeting; no worker had started"))
 
-    def _catch_signals(self) -> dict:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum, frame):
-            self.signals.append(signum)
-
-        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    @staticmethod
-    def _restore_signals(previous: dict) -> None:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _interface_towards(host: str, port: int) -> Optional[str]:
