@@ -43,6 +43,10 @@ class Target:
     def prepare(self, dtype: torch.dtype, numel: int) -> Prepared:
         raise NotImplementedError
 
+    def declines(self, dtype: torch.dtype, numel: int) -> Optional[str]:
+        """Why this target does not take such a tensor by design (a size cap …), or None."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -55,6 +59,10 @@ class CommunicatorTarget(Target):
         x = torch.empty(numel, dtype=dtype, device=self.device)
         all_reduce = self.comm.all_reduce
         return Prepared(lambda: all_reduce(x), x, x)
+
+    def declines(self, dtype, numel):
+        # The same answer on every rank (the contract of can_all_reduce).
+        return self.comm.can_all_reduce(torch.empty(numel, dtype=dtype, device=self.device))
 
     def close(self):
         self.comm.close()
@@ -219,9 +227,12 @@ def _measure_case(target: Target, dtype_name: str, mode: str, size: int, config:
     dtype = DTYPES[dtype_name]
     numel = size // torch.empty(0, dtype=dtype).element_size()
     record = {"target": target.name, "mode": mode, "dtype": dtype_name, "size": size, "numel": numel,
-              "times_us": [], "host_us": None, "correct": None, "error": None}
+              "times_us": [], "host_us": None, "correct": None, "error": None, "declined": None}
     iters = _iterations(config["iters"], size)
+    record["declined"] = target.declines(dtype, numel)
     try:
+        if record["declined"] is not None:
+            raise _Declined
         prepared = target.prepare(dtype, numel)
         if mode == "graph":
             record["correct"] = _check_graph(prepared, ctx.rank, ctx.world_size)
@@ -230,6 +241,8 @@ def _measure_case(target: Target, dtype_name: str, mode: str, size: int, config:
             record["correct"] = _check_eager(prepared, ctx.rank, ctx.world_size, device)
             record["times_us"], record["host_us"] = _time_eager(prepared, iters, config, ctx, device)
         del prepared
+    except _Declined:
+        pass
     except Exception as exc:  # noqa: BLE001 — recorded; the ranks agree just below
         text = str(exc).strip().splitlines()
         record["error"] = f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -239,6 +252,10 @@ def _measure_case(target: Target, dtype_name: str, mode: str, size: int, config:
         record["error"] = "; ".join(f"rank {rank}: {e}" for rank, e in failed)
         record["times_us"] = []
     return record
+
+
+class _Declined(Exception):
+    """The target declines this case by design: recorded, not timed, not a failure."""
 
 
 def _iterations(iters: int, size: int) -> int:

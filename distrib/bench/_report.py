@@ -33,7 +33,8 @@ def summarize(per_rank: list[dict], meta: dict) -> dict:
     for index, first in enumerate(per_rank[0]["cases"]):
         cases = [facts["cases"][index] for facts in per_rank]
         record = {k: first[k] for k in ("target", "mode", "dtype", "size", "numel")}
-        record["correct"] = None if first["error"] else all(c["correct"] for c in cases)
+        record["declined"] = first.get("declined")
+        record["correct"] = None if first["error"] or record["declined"] else all(c["correct"] for c in cases)
         record["error"] = first["error"]
         runs = [c["times_us"] for c in cases]
         if not record["error"] and runs[0] and all(len(r) == len(runs[0]) for r in runs):
@@ -76,7 +77,8 @@ def markdown(summary: dict) -> str:
              f"{' · NCCL ' + meta['torch_nccl'] if meta.get('torch_nccl') else ''}", "",
              f"Median µs per all-reduce [p10–p90] (slowest rank per iteration); ×: ratio to "
              f"`{meta['baseline']}` (below 1 is faster). Results checked on every size: "
-             "✗ marks a wrong result. Eager: one Python call per all-reduce. CUDA graph: "
+             "✗ marks a wrong result; \"declined\": the communicator does not take that size by "
+             "design (the dispatcher routes it on). Eager: one Python call per all-reduce. CUDA graph: "
              f"{meta['config'].get('graph_ops')} all-reduces captured in one graph, time per all-reduce. "
              "Symmetric memory is timed on its own symmetric buffer (no copy in).", ""]
     for mode in meta["config"]["modes"]:
@@ -111,6 +113,8 @@ def _targets(results: list[dict]) -> list[str]:
 def _cell(record: Optional[dict]) -> str:
     if record is None:
         return "–"
+    if record.get("declined"):
+        return "declined"
     if record["error"]:
         return "error"
     text = f"{record['median_us']:.1f} [{record['p10_us']:.1f}–{record['p90_us']:.1f}]"

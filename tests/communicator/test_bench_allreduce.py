@@ -51,3 +51,18 @@ def test_sizes_and_statistics():
 def test_the_benchmark_entry_point_lists_benchmarks():
     result = subprocess.run([sys.executable, "-m", "distrib.bench"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "allreduce" in result.stderr
+
+
+def test_a_size_a_communicator_declines_is_reported_as_declined_not_as_a_failure():
+    def case(target, declined=None):
+        timed = declined is None
+        return {"target": target, "mode": "graph", "dtype": "bfloat16", "size": 1 << 26, "numel": 1 << 25,
+                "times_us": [10.0, 11.0] if timed else [], "host_us": 1.0 if timed else None,
+                "correct": True if timed else None, "error": None, "declined": declined}
+
+    cases = [case("torch:nccl"), case("distrib:custom", "67108864 bytes exceed the registered buffer")]
+    summary = _report.summarize([{"cases": cases}, {"cases": cases}], {})
+    custom = next(r for r in summary["results"] if r["target"] == "distrib:custom")
+    assert custom["declined"] and custom["correct"] is None and custom["error"] is None
+    assert _report._cell(custom) == "declined"
+    assert _report._cell(summary["results"][0]).startswith("10.")
