@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import os
 import secrets
-import socket
 import threading
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -63,9 +62,12 @@ def init(coordinator: str = "gloo", timeout: Optional[float] = None) -> Context:
     with _lock:
         if _context is not None:
             return _context
-        info = _resolve_info(os.environ)
+        info, store = _resolve_info(os.environ), None
+        if info is None:
+            info, store = _single_process()
         cls = coordinators.get(coordinator)
-        coord = cls(info, timeout=timeout)
+        # A world of one hosts its own store (already bound); others reach theirs by address.
+        coord = cls(info, timeout=timeout) if store is None else cls(info, timeout=timeout, store=store)
         device = os.environ.get("DISTRIB_DEVICE")
         _context = Context(info=info, coordinator=coord,
                            device=int(device) if device not in (None, "") else None)
@@ -106,21 +108,27 @@ def detect_environment(environ: Mapping[str, str]) -> Optional[LaunchInfo]:
     return None
 
 
-def _resolve_info(environ: Mapping[str, str]) -> LaunchInfo:
+def _resolve_info(environ: Mapping[str, str]) -> Optional[LaunchInfo]:
+    """This process's LaunchInfo, or None when no launcher started it."""
     detected = detect_environment(environ)
     if detected is not None:
         return detected
-    present = [v for v in _LAUNCH_VARS if environ.get(v)]
-    if not present:
-        return _single_process_info()
+    if not any(environ.get(v) for v in _LAUNCH_VARS):
+        return None
     return LaunchInfo.from_env(environ)
 
 
-def _single_process_info() -> LaunchInfo:
-    """A world of one, for a program run without any launcher."""
-    with socket.socket() as s:  # rank 0 binds this port again at once, as the store host
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return LaunchInfo(launch_id=f"single-{os.getpid()}-{secrets.token_hex(4)}", rank=0,
-                      world_size=1, local_rank=0, local_world_size=1, node_rank=0, nnodes=1,
-                      master_addr="127.0.0.1", master_port=port, secret=secrets.token_hex(16))
+def _single_process():
+    """A world of one, for a program run without any launcher.
+
+    It is its own launcher: the store is bound while its port is chosen (no
+    pick-then-release window), and handed to the coordinator.
+    """
+    from ._store import host_store
+
+    launch_id = f"single-{os.getpid()}-{secrets.token_hex(4)}"
+    store, port = host_store(launch_id, 1)
+    info = LaunchInfo(launch_id=launch_id, rank=0, world_size=1, local_rank=0, local_world_size=1,
+                      node_rank=0, nnodes=1, master_addr="127.0.0.1", master_port=port,
+                      secret=secrets.token_hex(16))
+    return info, store
