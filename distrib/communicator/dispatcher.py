@@ -14,6 +14,7 @@ and kept in :attr:`Dispatcher.disabled`.
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -112,7 +113,7 @@ class Dispatcher(Communicator):
         which later such calls use after re-checking only what can change
         between them (contiguity, and that ``out`` does not overlap the input).
         """
-        torch = _torch_module()
+        torch = sys.modules.get("torch")  # a torch tensor implies torch is imported
         if torch is None or self.debug or self._closed or tensor.__class__ is not torch.Tensor:
             return _calls.run(self, Collective.ALL_REDUCE, tensor, op, out, 0)
         if out is not None and (out.__class__ is not torch.Tensor or out.data_ptr() == tensor.data_ptr()):
@@ -204,12 +205,6 @@ class Dispatcher(Communicator):
 
 
 _MISSING = object()
-
-
-def _torch_module():
-    import sys
-
-    return sys.modules.get("torch")
 
 
 def _disjoint(a, b) -> bool:
