@@ -26,7 +26,7 @@ def test_operations_on_four_ranks_including_empty_and_multi_megabyte_payloads():
 
 def test_barrier_timeout_names_the_rank_that_never_arrived():
     start = time.monotonic()
-    results = distrib.launch(workers.barrier_with_missing, nprocs=4, args=(2, 3.0), **FAST)
+    results = distrib.launch(workers.op_with_missing, nprocs=4, args=("barrier", 2, 3.0), **FAST)
     for rank, out in enumerate(results):
         if rank == 2:
             continue
@@ -37,7 +37,7 @@ def test_barrier_timeout_names_the_rank_that_never_arrived():
 
 
 def test_collective_timeout_names_the_rank_that_is_behind():
-    results = distrib.launch(workers.gather_with_missing, nprocs=3, args=(1, 3.0), **FAST)
+    results = distrib.launch(workers.op_with_missing, nprocs=3, args=("all_gather", 1, 3.0), **FAST)
     for rank in (0, 2):
         kind, missing, message = results[rank]
         assert kind == "timeout", message

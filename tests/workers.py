@@ -84,25 +84,16 @@ def coordinator_ops(big_size):
     return out
 
 
-def barrier_with_missing(missing_rank, timeout):
+def op_with_missing(op, missing_rank, timeout):
+    """Every rank but ``missing_rank`` runs coordinator ``op`` ("barrier" or "all_gather")."""
     ctx = distrib.init()
     if ctx.info.rank == missing_rank:
         time.sleep(timeout + 3)  # alive (not crashed) until the others time out
         return None
+    call = {"barrier": lambda: ctx.coordinator.barrier(timeout=timeout),
+            "all_gather": lambda: ctx.coordinator.all_gather(b"x", timeout=timeout)}[op]
     try:
-        ctx.coordinator.barrier(timeout=timeout)
-    except distrib.DistribTimeoutError as exc:
-        return ("timeout", exc.missing, str(exc))
-    return ("passed",)
-
-
-def gather_with_missing(missing_rank, timeout):
-    ctx = distrib.init()
-    if ctx.info.rank == missing_rank:
-        time.sleep(timeout + 3)  # alive (not crashed) until the others time out
-        return None
-    try:
-        ctx.coordinator.all_gather(b"x", timeout=timeout)
+        call()
     except distrib.DistribTimeoutError as exc:
         return ("timeout", exc.missing, str(exc))
     except distrib.DistribError as exc:
