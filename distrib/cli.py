@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rdzv-timeout", type=float, default=300.0,
                         help="seconds nodes wait for each other (default 300)")
     parser.add_argument("--timeout", type=float, default=None,
-                        help="stop the launch after this many seconds (default: no limit)")
+                        help="stop the launch after this many seconds, printing where each rank "
+                             "was (default: no limit)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=None, metavar="SECONDS",
+                        help="report a rank (with its stacks) after this long without a heartbeat "
+                             "(default 5). Send SIGUSR1 to distrib-run to see where every rank is")
     parser.add_argument("-m", dest="module", action="store_true",
                         help="run the program as a module (python -m NAME)")
     parser.add_argument("program", help="the script (or, with -m, the module) to run")
@@ -120,7 +124,8 @@ def options_from(args: argparse.Namespace) -> tuple[Command, Optional[int], Comm
         devices=None if args.devices is None else parse_devices(args.devices),
         log_dir=args.log_dir,
         show_ranks=None if args.show_ranks is None else parse_ranks(args.show_ranks),
-        grace=args.grace, rdzv_timeout=args.rdzv_timeout, timeout=args.timeout)
+        grace=args.grace, rdzv_timeout=args.rdzv_timeout, timeout=args.timeout,
+        heartbeat_timeout=args.heartbeat_timeout)
     return command, nprocs, options
 
 

@@ -1,6 +1,7 @@
 """distrib.launch: results, failures, signals, timeouts, orphans."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -123,7 +124,7 @@ def test_rank_killed_by_a_signal_is_named():
     with pytest.raises(WorkerFailedError) as err:
         distrib.launch(workers.sigkill_on, nprocs=3, args=(1,), **FAST)
     assert err.value.rank == 1 and err.value.root_cause.signal_name == "SIGKILL"
-    assert "rank 1 was killed by signal SIGKILL" in str(err.value)
+    assert f"rank 1 on {socket.gethostname()} was killed by signal SIGKILL" in str(err.value)
 
 
 def test_system_exit_and_unpicklable_results_are_failures():

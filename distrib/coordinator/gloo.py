@@ -145,6 +145,7 @@ class GlooCoordinator(Coordinator):
             participants = ranks if ranks is not None else self._node_members()
             missing = [r for r in participants if r not in arrived]
             what = "barrier" if ranks is not None else f"local barrier of node {self.node_rank}"
+            _report_stuck(what)
             raise DistribTimeoutError(
                 f"{what} timed out after {seconds:g}s on rank {self.rank}: "
                 f"{_describe_missing(missing, arrived, ranks)}", missing=missing,
@@ -189,6 +190,8 @@ class GlooCoordinator(Coordinator):
         except Exception:  # the store itself is gone (the master died)
             entered = {}
         behind = [r for r in range(self.world_size) if entered.get(r, -1) < self._collectives]
+        if _is_timeout(exc):
+            _report_stuck(what)
         if _is_timeout(exc) and behind:
             return DistribTimeoutError(
                 f"{what} timed out after {seconds:g}s on rank {self.rank}: ranks {format_ranks(behind)} "
@@ -221,6 +224,13 @@ class GlooCoordinator(Coordinator):
         pg, self._pg = getattr(self, "_pg", None), None
         del pg  # gloo closes its sockets when the last reference goes
         self._store = self._root_store = None
+
+
+def _report_stuck(what: str) -> None:
+    """Let the launcher see where every rank is before this timeout unwinds the stack."""
+    from ..control import agent
+
+    agent.report_stuck(what)
 
 
 def _gloo_device(dist, info: LaunchInfo):

@@ -4,7 +4,7 @@ Usage: ``python -m distrib.launcher._bootstrap (SCRIPT | -m MODULE) [ARGS ...]``
 It runs the user's program as ``python SCRIPT ARGS`` would (same ``sys.argv``,
 ``__name__ == "__main__"``, the script's folder first on ``sys.path``, an
 uncaught exception printed by ``sys.excepthook`` and exit status 1), with
-three additions, driven by environment variables the launcher sets (see
+four additions, driven by environment variables the launcher sets (see
 :mod:`distrib.launcher._errorfile`):
 
 - the worker dies with its launcher, even when the launcher is SIGKILLed
@@ -12,6 +12,8 @@ three additions, driven by environment variables the launcher sets (see
 - an uncaught exception (or a non-zero ``sys.exit``) is recorded in an error
   file, so the launcher can name the root cause and show its traceback
   without the user adding a decorator;
+- the launcher's control agent starts (:mod:`distrib.control.agent`):
+  heartbeats, and stack snapshots when the launcher asks where ranks are;
 - with no LaunchInfo variables but a scheduler's (SLURM under ``srun``), the
   detected LaunchInfo is exported first, so a script written for torchrun
   (``init_process_group(init_method="env://")``) runs unchanged.
@@ -42,6 +44,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         die_with_parent(int(launcher_pid))
     _export_detected_launch_info()
+    from ..control import agent
+
+    agent.start()  # heartbeats and stack dumps for the launcher, if it asked
     error_file = error_file_for(os.environ)
     try:
         if argv[0] == "-m":

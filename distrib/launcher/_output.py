@@ -75,6 +75,16 @@ class OutputRelay:
                 self._open += 1
         os.write(self._wake_w, b"x")
 
+    def note(self, text: str, prefix: str = "distrib-run: ") -> None:
+        """The launcher's own lines, on stderr, never inside a worker's line."""
+        data = "".join(f"{prefix}{line}\n" for line in text.splitlines()).encode(errors="replace")
+        with self._lock:
+            try:
+                self._err.write(data)
+                self._err.flush()
+            except (OSError, ValueError):
+                pass
+
     def close(self, timeout: float = 5.0) -> None:
         """Wait (at most ``timeout`` seconds) for the pipes to end, then stop and close."""
         with self._changed:

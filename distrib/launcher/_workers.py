@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from typing import Callable, Mapping, Optional, Sequence
@@ -76,11 +77,11 @@ class WorkerProcess:
         if record is None and (code is None or code == 0):
             return None
         when = self.exit_time or time.time()
-        host = ""
+        host = socket.gethostname()  # the worker ran here; its record may name the host too
         fields: dict = {}
         if record is not None:
             when = min(when, float(record.get("timestamp", when)))
-            host = str(record.get("host", ""))
+            host = str(record.get("host") or host)
             fields = dict(exc_type=record.get("exc_type"), message=str(record.get("message", "")),
                           traceback=str(record.get("traceback", "")))
             if not fields["exc_type"]:

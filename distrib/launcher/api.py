@@ -86,6 +86,7 @@ class CommandOptions:
     grace: float = 5.0                     # SIGTERM -> SIGKILL
     rdzv_timeout: float = 300.0            # how long nodes wait for each other
     timeout: Optional[float] = None        # bound on the whole launch
+    heartbeat_timeout: Optional[float] = None  # silence before a rank is reported (None: 5 s)
     env: Mapping[str, str] = field(default_factory=dict)  # extra variables for every worker
 
 

@@ -16,8 +16,10 @@ import multiprocessing.connection as mp_connection
 import os
 import pickle
 import secrets
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import traceback
 import uuid
@@ -28,6 +30,7 @@ from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailed
 from ..info import LaunchInfo
 from .api import Launcher, launchers
 from ._devices import visible_gpu_count
+from ._hangwatch import HangWatch
 from ._process import die_with_parent, signal_name, terminate_trees
 
 __all__ = ["MultiprocessingLauncher", "launch"]
@@ -70,19 +73,26 @@ class MultiprocessingLauncher(Launcher):
             # Workers fork from a server that has imported torch once.
             ctx.set_forkserver_preload(["torch", "torch.distributed", "distrib"])
         workers: list[_Worker] = []
+        scratch = tempfile.mkdtemp(prefix="distrib-launch-")
+        hangwatch = HangWatch(secret, _note, scratch)
+        hangwatch.install_signal()
         try:
             for rank in range(nprocs):
                 info = LaunchInfo(launch_id=launch_id, rank=rank, world_size=nprocs,
                                   local_rank=rank, local_world_size=nprocs, node_rank=0,
                                   nnodes=1, master_addr="127.0.0.1", master_port=port,
                                   secret=secret)
-                worker_env = {**(env or {}), **info.to_env(), AGENT_STORE_VAR: "True"}
+                worker_env = {**(env or {}), **info.to_env(), AGENT_STORE_VAR: "True",
+                              **hangwatch.worker_env(rank)}
                 if device_of[rank] is not None:
                     worker_env["DISTRIB_DEVICE"] = str(device_of[rank])
                 workers.append(_Worker.start(ctx, rank, target, tuple(args), dict(kwargs or {}),
                                              worker_env, device_of[rank]))
-            return _supervise(workers, timeout)
+                hangwatch.watch(rank, workers[-1].process.pid)
+            return _supervise(workers, timeout, hangwatch)
         finally:
+            hangwatch.close()
+            shutil.rmtree(scratch, ignore_errors=True)
             terminate_trees([w.process.pid for w in workers if w.process.pid], self.grace)
             for w in workers:
                 w.process.join(timeout=5)
@@ -167,16 +177,18 @@ class _Worker:
             return
         code = self.process.exitcode
         now = time.time()
+        host = socket.gethostname()  # workers run on the launcher's host
         if code is not None and code < 0:
-            self.failure = WorkerFailure(rank=self.rank, timestamp=now, signal_name=signal_name(-code))
+            self.failure = WorkerFailure(rank=self.rank, timestamp=now, signal_name=signal_name(-code),
+                                         host=host)
         elif code != 0:
-            self.failure = WorkerFailure(rank=self.rank, timestamp=now, exitcode=code)
+            self.failure = WorkerFailure(rank=self.rank, timestamp=now, exitcode=code, host=host)
         elif self.result is _NO_RESULT:
-            self.failure = WorkerFailure(rank=self.rank, timestamp=now, exitcode=0,
+            self.failure = WorkerFailure(rank=self.rank, timestamp=now, exitcode=0, host=host,
                                          message="exited without returning (os._exit?)")
 
 
-def _supervise(workers: list[_Worker], timeout: Optional[float]) -> list[Any]:
+def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: HangWatch) -> list[Any]:
     deadline = None if timeout is None else time.monotonic() + timeout
     running = {w.rank: w for w in workers}
     while running:
@@ -185,7 +197,7 @@ def _supervise(workers: list[_Worker], timeout: Optional[float]) -> list[Any]:
             waitables[w.process.sentinel] = (w, "exit")
             if w.conn_open:
                 waitables[w.conn] = (w, "report")
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        remaining = _POLL if deadline is None else max(0.0, min(_POLL, deadline - time.monotonic()))
         ready = mp_connection.wait(list(waitables), timeout=remaining)
         # Reports before exits: a worker's exception explains its exit.
         for obj in sorted(ready, key=lambda o: waitables[o][1] != "report"):
@@ -200,10 +212,21 @@ def _supervise(workers: list[_Worker], timeout: Optional[float]) -> list[Any]:
             raise WorkerFailedError(failed)
         if deadline is not None and not ready and time.monotonic() >= deadline:
             still = sorted(running)
+            where = hangwatch.report(f"the launch timed out after {timeout:g}s. Where each rank was:",
+                                     still, write=False)
             raise DistribTimeoutError(
                 f"launch timed out after {timeout:g}s; ranks {format_ranks(still)} were still running "
-                "and have been stopped", missing=still)
+                "and have been stopped" + (f"\n{where}" if where else ""), missing=still)
+        hangwatch.check(set(running), 0.0)
     return [w.result for w in workers]
+
+
+_POLL = 0.05  # seconds between looks at the control monitor
+
+
+def _note(text: str) -> None:
+    """The launcher's own report lines, on stderr."""
+    print("\n".join(f"distrib.launch: {line}" for line in text.splitlines()), file=sys.stderr, flush=True)
 
 
 def _check_arguments(target, nprocs, timeout) -> None:
@@ -255,6 +278,9 @@ def _worker_main(target, args, kwargs, env, device, parent_pid, conn) -> None:
     os.setpgrp()  # lead a group: the launcher stops this worker and its children together
     die_with_parent(parent_pid)
     os.environ.update(env)
+    from ..control import agent
+
+    agent.start()  # heartbeats and stack snapshots for the launcher
     code = 0
     try:
         if device is not None:
@@ -281,6 +307,7 @@ def _worker_main(target, args, kwargs, env, device, parent_pid, conn) -> None:
         from ..runtime import shutdown
 
         shutdown()
+        agent.stop()
         conn.close()
     if code:
         sys.exit(code)

@@ -34,6 +34,7 @@ from ..info import LaunchInfo
 from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR
 from ._devices import assign_devices, auto_nprocs
 from ._guardian import Guardian
+from ._hangwatch import HangWatch
 from ._output import OutputRelay
 from ._process import record_stop_signals, restore_signals, signal_name
 from ._workers import WorkerProcess, stop_workers
@@ -105,6 +106,7 @@ class _Launch:
         self.workers: list[WorkerProcess] = []
         self.signals: list[int] = []
         self.rendezvous = None
+        self.hangwatch: Optional[HangWatch] = None
 
     # -- the whole launch -----------------------------------------------------
     def run(self) -> list[int]:
@@ -137,6 +139,9 @@ class _Launch:
             if options.show_ranks is not None:
                 show = options.show_ranks.__contains__
             relay = OutputRelay(self.stdout, self.stderr, options.log_dir, show)
+            self.hangwatch = HangWatch(secret, relay.note, scratch, options.log_dir,
+                                       options.heartbeat_timeout)
+            self.hangwatch.install_signal()
             guardian = Guardian.start()
             for local_rank in range(self.nprocs):
                 info = LaunchInfo(launch_id=launch_id, rank=offset + local_rank,
@@ -157,6 +162,8 @@ class _Launch:
         finally:
             self._stop(signal.SIGTERM)
             restore_signals(previous_handlers)
+            if self.hangwatch is not None:
+                self.hangwatch.close()
             if guardian is not None:
                 guardian.release()
             if relay is not None:
@@ -208,6 +215,7 @@ class _Launch:
         env.update(info.to_env())
         env.update({self._agent_store_var: "True", LAUNCHER_PID_VAR: str(os.getpid()),
                     ERROR_FILE_VAR: error_file})
+        env.update(self.hangwatch.worker_env(info.rank))
         env.setdefault("PYTHONUNBUFFERED", "1")  # lines reach the console as they are printed
         if self.nprocs > 1:
             env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N processes, not N x cores threads
@@ -219,6 +227,7 @@ class _Launch:
         worker, out_r, err_r = WorkerProcess.start(self.command.bootstrap_argv(), env, info.rank,
                                                    info.local_rank, error_file)
         guardian.watch(worker.pid)
+        self.hangwatch.watch(info.rank, worker.pid)
         relay.add(info.rank, out_r, err_r)
         self.workers.append(worker)
 
@@ -251,16 +260,19 @@ class _Launch:
                 self._interrupted(self.signals[0])
             if all(c == 0 for c in codes) and len(codes) == self.nprocs:
                 return self._success()
+            running = {w.rank for w, c in zip(self.workers, codes) if c is None}
             if deadline is not None and time.monotonic() >= deadline:
-                running = [w.rank for w, c in zip(self.workers, codes) if c is None]
+                self.hangwatch.report(f"the launch timed out after {options.timeout:g}s. Where each "
+                                      "rank is:", running)
                 self._stop(signal.SIGTERM)
                 raise DistribTimeoutError(
                     f"launch timed out after {options.timeout:g}s; ranks {format_ranks(running)} "
-                    "were still running and have been stopped", missing=running)
+                    "were still running and have been stopped (where each was is printed above)",
+                    missing=sorted(running))
             if self.rendezvous is not None and time.monotonic() >= next_remote:
                 next_remote = time.monotonic() + _REMOTE_POLL
                 self._check_other_nodes()
-            time.sleep(_POLL)
+            self.hangwatch.check(running, _POLL)
 
     def _success(self) -> list[int]:
         """This node's workers all exited 0; node 0 waits for the others (their workers use its store)."""

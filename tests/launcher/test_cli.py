@@ -127,7 +127,7 @@ def test_exit_code_is_the_root_cause_ranks_and_every_failed_rank_is_named():
 def test_death_by_signal_is_named():
     result = run_cli("--nprocs", "2", "--grace", "2", script("fail.py"), "sigkill", "0")
     assert result.returncode == 128 + signal.SIGKILL
-    assert re.search(r"rank 0 was killed by signal SIGKILL; exit code 137 \[root cause\]", result.stderr)
+    assert re.search(r"rank 0 on \S+ was killed by signal SIGKILL; exit code 137 \[root cause\]", result.stderr)
 
 
 def _start_tree(tmp_path, *extra):

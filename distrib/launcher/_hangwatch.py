@@ -1,0 +1,138 @@
+"""What a launcher does with the control monitor: heartbeats and "where is each rank?".
+
+:class:`HangWatch` wraps one node's :class:`~distrib.control.monitor.Monitor`
+for a launcher's supervision loop. On each :meth:`HangWatch.check` it:
+
+- reports, with a stack snapshot of every running rank, when a rank's
+  Coordinator timed out (the rank asked for it before raising);
+- reports a running rank that stopped sending heartbeats (it may hold the
+  GIL in a C call), with that rank's stacks taken through faulthandler;
+- reports every rank's whereabouts when the user sends SIGUSR1 to the
+  launcher, and keeps running.
+
+The launcher also calls :meth:`HangWatch.report` itself before it stops a
+launch that ran out of time. A report is one screen (see
+:func:`distrib.control.stacks.summarize`); with a log directory, every
+thread of every rank also goes to a ``stacks-*.txt`` file there.
+
+Monitoring is best effort: if its socket cannot be made, the launch runs
+without it and says so once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Callable, Optional
+
+from .._text import format_ranks
+
+__all__ = ["HangWatch", "DUMP_REQUEST_SIGNAL"]
+
+logger = logging.getLogger("distrib.launcher")
+
+DUMP_REQUEST_SIGNAL = signal.SIGUSR1  # what a user sends the launcher to see where ranks are
+HEARTBEAT_TIMEOUT = 5.0               # seconds without a heartbeat before a rank is reported
+_STUCK_QUIET = 10.0  # seconds after a timeout's report in which further timeouts are not reported again
+
+
+class HangWatch:
+    def __init__(self, secret: str, write: Callable[[str], None], scratch: str,
+                 log_dir: Optional[str] = None, heartbeat_timeout: Optional[float] = None):
+        self._write = write
+        self._scratch = scratch
+        self._log_dir = log_dir
+        self._dump_requested = False
+        self._last_stuck_report = -float("inf")
+        self._previous_handler = None
+        self.monitor = None
+        timeout = heartbeat_timeout if heartbeat_timeout is not None else float(
+            os.environ.get("DISTRIB_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT))
+        try:
+            from ..control.monitor import Monitor
+
+            self.monitor = Monitor(secret, heartbeat_timeout=timeout)
+        except Exception as exc:  # e.g. no loopback interface, no pyzmq
+            logger.warning("running without heartbeats and stack dumps: %s", exc)
+        self.reports: list[str] = []  # what was reported, in order (for the launcher's errors)
+
+    # -- workers ---------------------------------------------------------------------
+    def worker_env(self, rank: int) -> dict[str, str]:
+        if self.monitor is None:
+            return {}
+        return self.monitor.worker_env(self._stack_file(rank))
+
+    def watch(self, rank: int, pid: int) -> None:
+        if self.monitor is not None:
+            self.monitor.watch(rank, pid, self._stack_file(rank))
+
+    def host_of(self, rank: int) -> str:
+        return self.monitor.host_of(rank) if self.monitor is not None else ""
+
+    def _stack_file(self, rank: int) -> str:
+        return os.path.join(self._scratch, f"rank{rank}.stacks")
+
+    # -- the supervision loop's hook -------------------------------------------------
+    def check(self, running: set[int], wait: float) -> None:
+        """Handle the monitor's traffic for up to ``wait`` seconds, and report what needs it."""
+        if self.monitor is None:
+            time.sleep(wait)
+            return
+        self.monitor.poll(wait)
+        stuck = self.monitor.stuck()
+        if stuck and time.monotonic() - self._last_stuck_report < _STUCK_QUIET:
+            self.monitor.release_stuck()  # the same hang, seen by another rank a moment later
+        elif stuck:
+            first_rank, what = stuck[0]
+            others = sorted({r for r, _ in stuck} - {first_rank})
+            also = f" (and on ranks {format_ranks(others)})" if others else ""
+            self.report(f"{what} timed out on rank {first_rank}{also}. Where each rank is:", running)
+            self.monitor.release_stuck()
+            self._last_stuck_report = time.monotonic()
+        for rank, host, seconds in self.monitor.silent(running):
+            on = f" on {host}" if host else ""
+            self.report(f"rank {rank}{on} has sent no heartbeat for {seconds:.1f}s: it may be stuck in "
+                        "a call that holds the GIL. Its stacks:", {rank})
+        if self._dump_requested:
+            self._dump_requested = False
+            self.report("stack dump requested (SIGUSR1). Where each rank is:", running)
+
+    def report(self, title: str, ranks, write: bool = True) -> str:
+        """Snapshot ``ranks``, write the one-screen summary (if ``write``), and return it."""
+        if self.monitor is None or not ranks:
+            return ""
+        from ..control.stacks import full_text, summarize
+
+        snapshots = self.monitor.snapshot(sorted(ranks), timeout=1.5)
+        text = summarize(snapshots, title)
+        if self._log_dir:
+            path = os.path.join(self._log_dir, time.strftime("stacks-%Y%m%d-%H%M%S.txt"))
+            try:
+                with open(path, "a") as f:
+                    f.write(f"# {title}\n{full_text(snapshots)}")
+                text += f"\nevery thread of every rank: {path}"
+            except OSError as exc:
+                text += f"\n(could not write {path}: {exc})"
+        self.reports.append(text)
+        if write:
+            self._write(text)
+        return text
+
+    # -- SIGUSR1 ---------------------------------------------------------------------
+    def install_signal(self) -> None:
+        """Report on SIGUSR1 (main thread only; elsewhere nothing changes)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        def requested(signum, frame):
+            self._dump_requested = True
+        self._previous_handler = signal.signal(DUMP_REQUEST_SIGNAL, requested)
+
+    def close(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(DUMP_REQUEST_SIGNAL, self._previous_handler)
+            self._previous_handler = None
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
