@@ -1,0 +1,177 @@
+"""Tensor-parallel decode: a Llama-style model on 2 or 4 GPUs, three ways to all-reduce, timed.
+
+    python examples/tensor_parallel_decode.py                      # every GPU, llama-70b, all three
+    python examples/tensor_parallel_decode.py --nprocs 2 --model llama-8b --comm dispatcher,torch
+    distrib-run --nprocs 4 examples/tensor_parallel_decode.py --model llama-70b
+    python examples/tensor_parallel_decode.py --device cpu         # 2 CPU ranks, tiny model, gloo
+
+Each rank holds its shard of a bf16 decoder with random weights (RMSNorm,
+attention with a KV cache and grouped-query heads, gated MLP; column-parallel
+then row-parallel projections, so one all-reduce after attention and one after
+the MLP per layer). One decode step (B sequences, one new token each, all
+layers and the LM head) is captured in a CUDA graph per batch size and
+replayed, once with each communicator:
+
+- ``dispatcher``: distrib's dispatcher (custom P2P all-reduce kernel, NCCL fallback);
+- ``nccl``: distrib's NCCL through CuPy, alone;
+- ``torch``: ``torch.distributed`` NCCL, the outside peer.
+
+Before timing, every communicator must give the same logits (within bf16
+tolerance) and exact sums. Prints per-token latency and tokens/s per batch
+size with the ratio to torch, and the GPU memory each communicator's graphs
+add; writes ``tp-decode-<model>.json``, ``.md`` and ``.png`` to ``--out``.
+On CPUs there are no CUDA graphs: eager steps are timed, distrib's NCCL is
+skipped, and the dispatcher and torch.distributed both use gloo (a smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import distrib
+from tensor_parallel import report
+from tensor_parallel.comms import COMM_FLAGS
+from tensor_parallel.measure import run_rank
+from tensor_parallel.model import SHAPES
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def rank_main(config: dict) -> Optional[dict]:
+    """What every rank runs (under ``distrib.launch`` or ``distrib-run``); rank 0 reports.
+
+    Returns, on rank 0, ``{"out": directory, "check_passed": bool}``; None elsewhere.
+    """
+    record = run_rank(config)
+    if record is None:
+        return None
+    meta = {key: config[key] for key in ("date", "commit", "host", "batch_sizes", "steps", "warmup", "seed")}
+    gpu = config["device"] == "cuda"
+    meta.update(device=config["device"], gpus=record["tp"] if gpu else 0,
+                timing=("CUDA-graph replay timed with CUDA events" if gpu
+                        else "eager steps timed with the wall clock (CPU: no CUDA graphs)"),
+                timing_ranks="per step, the slowest rank's time; then the median over steps",
+                environment={"NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE") if gpu else None})
+    summary = report.summarize(meta, record)
+    device_tag = "CPU" if not gpu else summary["meta"]["device_name"].split()[-1]
+    out = Path(config["out"]) if config["out"] else REPO / "benchmarks" / "results" / f"{record['tp']}x{device_tag}"
+    print(report.console(summary), flush=True)
+    for line in report.write(summary, out):
+        print(line, file=sys.stderr)
+    return {"out": str(out), "check_passed": summary["check"]["passed"]}
+
+
+# -- command line ------------------------------------------------------------------------
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        sizes = ()
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers separated by commas, e.g. 1,2,4,8")
+    return sizes
+
+
+def _comms(text: str) -> tuple[str, ...]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if names == ["all"]:
+        return COMM_FLAGS
+    unknown = [n for n in names if n not in COMM_FLAGS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected all, or some of {', '.join(COMM_FLAGS)} "
+                                         "separated by commas")
+    return tuple(names)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comm", type=_comms, default=COMM_FLAGS, metavar="{dispatcher,nccl,torch,all}",
+                        help="communicators to run, comma-separated (default all, one after another, same weights)")
+    parser.add_argument("--model", choices=sorted(SHAPES), default=None,
+                        help="shape preset (default llama-70b on GPUs, tiny on CPUs)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="build this many layers (default the preset's; fewer where GPU memory requires)")
+    parser.add_argument("--batch-sizes", type=_batch_sizes, default=DEFAULT_BATCH_SIZES,
+                        help="one CUDA graph per batch size (default 1,2,4,8,16,32,64)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per batch size (default 100; 10 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; 2 on CPU)")
+    parser.add_argument("--nprocs", type=int, default=None,
+                        help="ranks = tensor-parallel degree (default every visible GPU; 2 on CPU); "
+                             "under distrib-run the launch decides")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default benchmarks/results/<N>x<GPU>, e.g. 4xH200)")
+    parser.add_argument("--seed", type=int, default=0, help="weights, KV cache and inputs (default 0)")
+    parser.add_argument("--check-rtol", type=float, default=0.15,
+                        help="largest relative error between communicators' logits (default 0.15; "
+                             "rounding differences reach ~0.06 after 80 layers, a wrong sum ~1)")
+    parser.add_argument("--break-comm", choices=COMM_FLAGS, default=None,
+                        help="testing aid: make this communicator's all-reduce a no-op, so the check must fail")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole launch")
+    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    return parser
+
+
+def config_from(args: argparse.Namespace, world_size: Optional[int]) -> dict:
+    """The per-rank config; ``world_size`` is the launch's when a launcher already started us."""
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to this PyTorch")
+    nprocs = world_size or args.nprocs or (torch.cuda.device_count() if device == "cuda" else 2)
+    if device == "cuda" and world_size is None and nprocs > torch.cuda.device_count():
+        raise SystemExit(f"--nprocs {nprocs}: only {torch.cuda.device_count()} GPUs are visible")
+    steps = args.steps if args.steps is not None else (100 if device == "cuda" else 10)
+    warmup = args.warmup if args.warmup is not None else (10 if device == "cuda" else 2)
+    for name, value, least in (("--nprocs", nprocs, 1), ("--steps", steps, 1), ("--warmup", warmup, 0),
+                               ("--layers", args.layers if args.layers is not None else 1, 1)):
+        if value < least:
+            raise SystemExit(f"{name} must be at least {least}")
+    model = args.model or ("llama-70b" if device == "cuda" else "tiny")
+    problem = SHAPES[model].problem_with(nprocs)
+    if problem is not None:
+        raise SystemExit(f"--model {model} on {nprocs} ranks: {problem}")
+    from distrib.bench.allreduce import git_commit
+
+    return {"model": model, "layers": args.layers, "batch_sizes": list(args.batch_sizes), "steps": steps,
+            "warmup": warmup, "comms": list(args.comm), "device": device, "nprocs": nprocs, "seed": args.seed,
+            "check_rtol": args.check_rtol, "break_comm": args.break_comm, "out": args.out,
+            "commit": args.commit or git_commit(), "host": platform.node(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.environ.get("RANK") and os.environ.get("WORLD_SIZE"):
+        # Started by distrib-run (or torchrun): this process is one rank of the launch.
+        config = config_from(args, int(os.environ["WORLD_SIZE"]))
+        rank_main(config)
+        return 0
+    config = config_from(args, None)
+    gpu = config["device"] == "cuda"
+    if gpu:
+        os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by every rank: NVLink multicast stays off
+    print(f"[tp-decode] launching {config['nprocs']} {config['device']} ranks: {config['model']}, "
+          f"{','.join(config['comms'])}", file=sys.stderr, flush=True)
+    try:
+        results = distrib.launch(rank_main, config["nprocs"], args=(config,), timeout=args.timeout,
+                                 devices=None if gpu else "cpu", start_method="spawn" if gpu else "forkserver")
+    except distrib.WorkerFailedError as exc:
+        print(f"[tp-decode] failed: {exc}", file=sys.stderr)
+        return 1
+    return 0 if results[0]["check_passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
