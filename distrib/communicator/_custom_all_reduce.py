@@ -287,13 +287,21 @@ class CustomAllReduceEngine:
                 rt.deviceSynchronize()
                 for ptr in self._opened.values():
                     rt.ipcCloseMemHandle(ptr)
-                for ptr in (self._rank_data, self._context, self._base):
+                for ptr in (self._rank_data, self._context):
                     rt.free(ptr)
+                # Peers may still have our exported buffer open (closing is not
+                # collective), and freeing exported memory before every importer
+                # closed its handle is undefined behaviour (cudaIpcOpenMemHandle's
+                # contract). So it lives until the process ends, when the driver
+                # reclaims it with the context: one buffer per closed communicator.
+                _exported_until_exit.append(self._base)
                 rt.freeHost(self._error_host)
         except Exception as exc:  # closing must not raise from a broken context
             logger.warning("custom all-reduce: error while freeing buffers: %s", exc)
         self._opened.clear()
 
+
+_exported_until_exit: list[int] = []  # buffers of closed engines that peers may still map
 
 # Offset of Signal::p2p_check: arrive[MAX_BLOCKS][MAX_RANKS] u32 + epoch[MAX_BLOCKS] u32.
 _P2P_CHECK_OFFSET = 4 * MAX_BLOCKS * MAX_RANKS + 4 * MAX_BLOCKS
