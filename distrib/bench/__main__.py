@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 BENCHMARKS = {"allreduce": "distrib.bench.allreduce",
+              "channel": "distrib.bench.channel",
               "custom-crossover": "distrib.bench.custom_crossover"}
 
 

@@ -34,6 +34,9 @@ logger = logging.getLogger("distrib.control")
 
 BIND_ADDR_VAR = "DISTRIB_BIND_ADDR"  # an address to bind servers to instead of the launch's
 _ZAP_DOMAIN = "distrib"
+# libzmq applies MAXMSGSIZE to the CURVE handshake's commands too (some ~300
+# bytes): a smaller limit silently fails every handshake.
+MIN_MAX_MESSAGE = 1024
 
 
 def curve_keys(secret: str, role: str) -> tuple[bytes, bytes]:
@@ -95,12 +98,13 @@ class SecureServer:
         """A CURVE server socket bound to ``host`` (a random free port unless ``port``).
 
         Returns ``(socket, endpoint)``; the endpoint is what clients connect to.
-        Incoming messages over ``max_message`` bytes drop the connection.
+        Incoming messages over ``max_message`` bytes (at least
+        :data:`MIN_MAX_MESSAGE`) drop the connection.
         """
         zmq = self._zmq
         sock = self.context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, int(max_message))
+        sock.setsockopt(zmq.MAXMSGSIZE, max(int(max_message), MIN_MAX_MESSAGE))
         sock.curve_server = True
         sock.curve_publickey = self._public
         sock.curve_secretkey = self._secret
@@ -138,7 +142,7 @@ def client_socket(context, kind: int, secret: str, *, max_message: int):
     public, secret_key = curve_keys(secret, "client")
     sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, int(max_message))
+    sock.setsockopt(zmq.MAXMSGSIZE, max(int(max_message), MIN_MAX_MESSAGE))
     sock.curve_serverkey = server_public
     sock.curve_publickey = public
     sock.curve_secretkey = secret_key

@@ -11,10 +11,13 @@ ranks that never arrived. Typical use, once per node::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 from ..info import LaunchInfo
 from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..control.channel import BroadcastChannel
 
 __all__ = ["Coordinator", "coordinators", "DEFAULT_TIMEOUT"]
 
@@ -80,6 +83,25 @@ class Coordinator(ABC):
     @abstractmethod
     def local_barrier(self, timeout: Optional[float] = None) -> None:
         """Block until every rank of this node has called ``local_barrier``."""
+
+    def broadcast_channel(self, src: int = 0, *, chunk_bytes: int = 64 << 10, chunks: int = 16,
+                          timeout: Optional[float] = None) -> "BroadcastChannel":
+        """A channel on which rank ``src`` sends small messages to every other rank, fast.
+
+        Collective: every rank calls it, in the same order, with the same
+        arguments. Readers on ``src``'s node read a shared-memory ring of
+        ``chunks`` x ``chunk_bytes`` (larger messages stream through it);
+        readers on other nodes a zmq subscription authenticated by the launch
+        secret. ``timeout`` bounds creation and is the default for each send
+        and recv (``None``: this coordinator's default). Built from
+        ``broadcast`` and ``all_gather``, so every Coordinator has it; if any
+        rank cannot set up its end, every rank raises. See
+        :class:`distrib.control.channel.BroadcastChannel`.
+        """
+        from ..control.channel import BroadcastChannel
+
+        return BroadcastChannel.create(self, src, chunk_bytes=chunk_bytes, chunks=chunks,
+                                       timeout=timeout)
 
     @abstractmethod
     def close(self) -> None:

@@ -132,3 +132,23 @@ def test_killing_one_hosts_workers_fails_the_other_host_cleanly(two_hosts, tmp_p
     assert nodes[0].returncode == 128 + signal.SIGKILL, err0
     assert re.search(r"rank [23] .*killed by signal SIGKILL.*\[root cause\]", err0), err0
     wait_for(lambda: not any(alive(p) for p in pids), 10, "every worker to be gone")
+
+
+def test_broadcast_channel_across_hosts_uses_shared_memory_on_the_writers_host_and_zmq_across(two_hosts):
+    nodes = [_node(two_hosts, k, "--show-ranks", "0-3", script("channel.py")) for k in (1, 0)]
+    (out1, err1), (out0, err0) = _finish(*nodes, timeout=150)
+    assert nodes[1].returncode == 0, err0
+    assert nodes[0].returncode == 0, err1
+    records = {}
+    for out in (out0, out1):
+        for line in re.findall(r"^\[\d\] RESULT (.*)$", out, re.M):
+            record = json.loads(line)
+            records[record["rank"]] = record
+    assert sorted(records) == [0, 1, 2, 3]
+    # Writer rank 0 (host 0), then writer rank 3 (host 1); each binds its own host's address.
+    expected = {0: ["writer", "zmq"], 1: ["shm", "zmq"], 2: ["zmq", "shm"], 3: ["zmq", "writer"]}
+    for rank, record in records.items():
+        assert [c["transport"] for c in record["channels"]] == expected[rank]
+        assert all(c["ok"] for c in record["channels"]), record
+        first, second = (c["endpoint"] for c in record["channels"])
+        assert first.startswith(f"tcp://{ADDRESSES[0]}:") and second.startswith(f"tcp://{ADDRESSES[1]}:")
