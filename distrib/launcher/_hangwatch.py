@@ -40,8 +40,10 @@ _STUCK_QUIET = 10.0  # seconds after a timeout's report in which further timeout
 
 class HangWatch:
     def __init__(self, secret: str, write: Callable[[str], None], scratch: str,
-                 log_dir: Optional[str] = None, heartbeat_timeout: Optional[float] = None):
+                 log_dir: Optional[str] = None, heartbeat_timeout: Optional[float] = None,
+                 tell_other_nodes: Optional[Callable[[str], None]] = None):
         self._write = write
+        self._tell_other_nodes = tell_other_nodes  # multi-node: ask the other launchers to report too
         self._scratch = scratch
         self._log_dir = log_dir
         self._dump_requested = False
@@ -88,7 +90,9 @@ class HangWatch:
             first_rank, what = stuck[0]
             others = sorted({r for r, _ in stuck} - {first_rank})
             also = f" (and on ranks {format_ranks(others)})" if others else ""
-            self.report(f"{what} timed out on rank {first_rank}{also}. Where each rank is:", running)
+            reason = f"{what} timed out on rank {first_rank}{also}"
+            self._tell(reason)
+            self.report(f"{reason}. Where each rank is:", running)
             self.monitor.release_stuck()
             self._last_stuck_report = time.monotonic()
         for rank, host, seconds in self.monitor.silent(running):
@@ -97,7 +101,23 @@ class HangWatch:
                         "a call that holds the GIL. Its stacks:", {rank})
         if self._dump_requested:
             self._dump_requested = False
+            self._tell("stack dump requested (SIGUSR1)")
             self.report("stack dump requested (SIGUSR1). Where each rank is:", running)
+
+    def asked_by(self, node: int, reason: str, running: set[int]) -> None:
+        """Another node's launcher asked every node to report (``reason`` says why)."""
+        if reason.startswith("stack dump") or time.monotonic() - self._last_stuck_report >= _STUCK_QUIET:
+            self.report(f"node {node} asked every node where its ranks are ({reason}). This node's "
+                        "ranks:", running)
+            if not reason.startswith("stack dump"):
+                self._last_stuck_report = time.monotonic()  # this node's own timeouts: the same hang
+
+    def _tell(self, reason: str) -> None:
+        if self._tell_other_nodes is not None:
+            try:
+                self._tell_other_nodes(reason)
+            except Exception as exc:  # the store is gone; the launch is ending anyway
+                logger.warning("could not ask the other nodes to report: %s", exc)
 
     def report(self, title: str, ranks, write: bool = True) -> str:
         """Snapshot ``ranks``, write the one-screen summary (if ``write``), and return it."""

@@ -9,6 +9,9 @@ client of it, under the prefix ``distrib/<launch_id>/nodes``:
   failure, so every other node stops its workers and reports the same cause;
 - ``beat/<k>``: a counter node ``k`` advances while it lives, so node 0 can
   tell a node that is still working from one whose launcher was killed;
+- ``reports`` and ``report/<n>``: the n-th request, from some node, that
+  every node report where its ranks are (a hang seen on one node is seen on
+  all; JSON: the asking node and why);
 - ``done/<k>``: node ``k`` has finished. Node 0 keeps the store up until
   every node is done, because the workers of slower nodes still use it.
 
@@ -57,6 +60,7 @@ class NodeRendezvous:
         self.node_rank = node_rank
         self._next_beat = 0.0
         self._beats: dict[int, tuple[int, float]] = {}  # node -> (last count, when it changed)
+        self._reports_seen = 0  # report requests already handled (or made) by this node
 
     @staticmethod
     def connect(master_addr: str, port: int, node_rank: int, timeout: float,
@@ -147,6 +151,27 @@ class NodeRendezvous:
             if k != self.node_rank and self._store.check([f"failure/{k}"]):
                 record = json.loads(self._store.get(f"failure/{k}"))
                 found.append(WorkerFailure(**{n: record.get(n) for n in _FAILURE_FIELDS}))
+        return found
+
+    def request_reports(self, reason: str) -> None:
+        """Ask every other node to report where its ranks are (this node reports its own)."""
+        number = self._store.add("reports", 1)
+        self._store.set(f"report/{number}", json.dumps({"node": self.node_rank, "reason": reason}))
+
+    def report_requests(self) -> list[tuple[int, str]]:
+        """Requests from other nodes not handled yet: (asking node, reason)."""
+        count = self._store.add("reports", 0)
+        found = []
+        while self._reports_seen < count:
+            self._reports_seen += 1
+            key = f"report/{self._reports_seen}"
+            try:
+                self._store.wait([key], datetime.timedelta(seconds=5))
+                record = json.loads(self._store.get(key))
+            except Exception:  # a request whose record never came: nothing to answer
+                continue
+            if record.get("node") != self.node_rank:
+                found.append((int(record.get("node", -1)), str(record.get("reason", ""))))
         return found
 
     def lost_nodes(self) -> list[int]:

@@ -53,3 +53,28 @@ def test_nodes_arriving_at_different_times_wait_for_each_other():
     assert node1 == [("1", "0"), ("2", "1")]
     launch_ids = set(re.findall(r"DISTRIB_LAUNCH_ID=(\S+)", first.stdout + out))
     assert launch_ids == {f"127.0.0.1:{port}"}
+
+
+def test_sigusr1_to_node_0_makes_every_node_report_its_ranks(tmp_path):
+    import signal
+
+    from .conftest import wait_for
+
+    port = free_port()
+    nodes = [start_cli(*_node_args(k, port, "--nprocs", "2", "--rdzv-timeout", "60"),
+                       script("stuck.py"), "sleep", "8", str(tmp_path)) for k in (0, 1)]
+    try:
+        wait_for(lambda: len(list(tmp_path.glob("*.ready"))) == 4, 60, "every rank to be in place")
+        nodes[0].send_signal(signal.SIGUSR1)
+        outputs = [node.communicate(timeout=60) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    first, second = outputs[0][1], outputs[1][1]
+    assert "distrib-run: stack dump requested (SIGUSR1). Where each rank is:" in first
+    assert re.search(r"distrib-run:   ranks 0-1\s+in its own code\s+stuck.py:\d+ in nap", first), first
+    assert ("distrib-run: node 0 asked every node where its ranks are (stack dump requested "
+            "(SIGUSR1)). This node's ranks:") in second
+    assert re.search(r"distrib-run:   ranks 2-3\s+in its own code\s+stuck.py:\d+ in nap", second), second
