@@ -11,6 +11,7 @@ counters never share a cache line)::
     line 0           header: magic, version, chunks, chunk bytes, readers,
                      writer pid, closed flag
     lines 1..R       one per reader: chunks consumed (GONE once it closed)
+    sleeper lines    one byte per reader: 1 while it sleeps on a futex
     slots 0..N-1     [sequence u64 | length u32 | flags u32 | total u64 |
                       pad to 32 | payload of chunk_bytes], rounded to 64
 
@@ -40,7 +41,9 @@ Memory order. Python has no atomic loads and stores; the argument rests on:
    (:mod:`._waiting` gives the argument).
 
 Waiting (:class:`~._waiting.Backoff`) spins with ``sched_yield``, then sleeps
-with growing intervals. Every wait has a deadline; the writer also watches its
+with growing intervals; on Linux a reader sleeps on a futex of the sequence
+word it waits for, and the writer wakes it when it publishes (see
+:meth:`RingWriter._wake` for why no wake-up is lost). Every wait has a deadline; the writer also watches its
 readers' processes, and a reader its writer's, so a dead peer on this node is
 reported at once rather than after the timeout.
 """
@@ -57,15 +60,15 @@ from typing import Optional, Sequence
 
 from .._text import format_ranks
 from ..errors import CoordinatorError, DistribTimeoutError
-from ._waiting import WATCH_INTERVAL, Backoff, ProcessWatch, full_fence
+from ._waiting import FUTEX, WATCH_INTERVAL, Backoff, ProcessWatch, buffer_address, full_fence
 
 __all__ = ["RingWriter", "RingReader", "ring_bytes", "SHM_DIRS"]
 
 logger = logging.getLogger("distrib.control")
 
 SHM_DIRS: tuple[str, ...] = ("/dev/shm", tempfile.gettempdir())  # tried in order
-MAGIC = b"DRINGv01"
-VERSION = 1
+MAGIC = b"DRINGv02"
+VERSION = 2
 LINE = 64
 CHUNK_HEADER = 32
 FIRST, LAST = 1, 2
@@ -81,9 +84,13 @@ def _slot_bytes(chunk_bytes: int) -> int:
     return (CHUNK_HEADER + chunk_bytes + LINE - 1) // LINE * LINE
 
 
+def _sleep_lines(readers: int) -> int:
+    return (readers + LINE - 1) // LINE
+
+
 def ring_bytes(readers: int, chunks: int, chunk_bytes: int) -> int:
     """Size of the ring file for this shape."""
-    return LINE * (1 + readers) + chunks * _slot_bytes(chunk_bytes)
+    return LINE * (1 + readers + _sleep_lines(readers)) + chunks * _slot_bytes(chunk_bytes)
 
 
 class _Ring:
@@ -97,7 +104,9 @@ class _Ring:
     def _shape(self, chunks: int, chunk_bytes: int, readers: int) -> None:
         self.chunks, self.chunk_bytes, self.readers = chunks, chunk_bytes, readers
         self.slot_bytes = _slot_bytes(chunk_bytes)
-        self.slots_at = LINE * (1 + readers)
+        self.sleepers_at = LINE * (1 + readers)  # one byte per reader: 1 while it sleeps on a futex
+        self.slots_at = LINE * (1 + readers + _sleep_lines(readers))
+        self.address = buffer_address(self._map) if FUTEX is not None else 0
 
     def slot(self, seq: int) -> int:
         return self.slots_at + (seq % self.chunks) * self.slot_bytes
@@ -121,6 +130,7 @@ class RingWriter(_Ring):
         self._watches = [ProcessWatch(pid) for _, pid in readers]
         self._next = 0          # the next chunk number to write
         self._min_consumed = 0  # a lower bound of every reader's counter
+        self._awake = bytes(len(readers))  # the sleeper bytes when nobody sleeps
         _HEADER.pack_into(self.view, 0, MAGIC, VERSION, chunks, chunk_bytes, len(readers), os.getpid(), 0)
 
     @classmethod
@@ -185,10 +195,28 @@ class RingWriter(_Ring):
             _META.pack_into(view, base + 8, len(piece), flags, total)
             full_fence()  # payload and length are visible before the sequence that publishes them
             _WORD.pack_into(view, base, seq + 1)
+            self._wake(base)
             self._next = seq + 1
             offset += len(piece)
             if flags & LAST:
                 return
+
+    def _wake(self, base: int) -> None:
+        """Wake the readers sleeping on the slot at ``base`` (if any sleeps: no system call otherwise).
+
+        A reader raises its sleeper byte, fences, and looks at the sequence
+        once more before it sleeps; the writer stores the sequence, fences,
+        and looks at the sleeper bytes. With a full fence on each side, at
+        least one of the two sees the other's store: either the reader sees
+        the new sequence and does not sleep, or the writer sees the byte and
+        wakes it (and a wake before the sleep makes the futex wait return at
+        once, since the word no longer holds the value it waits on).
+        """
+        if FUTEX is None:
+            return
+        full_fence()
+        if self.view[self.sleepers_at:self.sleepers_at + self.readers] != self._awake:
+            FUTEX.wake(self.address + base)
 
     def _consumed(self) -> list[int]:
         return [_WORD.unpack_from(self.view, LINE * (1 + i))[0] for i in range(self.readers)]
@@ -229,6 +257,8 @@ class RingWriter(_Ring):
             return
         full_fence()  # every published chunk is visible before the closed flag
         _WORD.pack_into(self.view, _CLOSED, 1)
+        for seq in range(self._next, self._next + self.chunks):  # sleepers wait on upcoming slots
+            self._wake(self.slot(seq))
         self.unmap()
 
 
@@ -258,6 +288,7 @@ class RingReader(_Ring):
             raise ValueError(f"reader index {index} is not in 0..{readers - 1}")
         self.index, self.writer_rank, self.max_bytes = index, writer_rank, max_bytes
         self._counter = LINE * (1 + index)
+        self._sleeper = self.sleepers_at + index
         self._watch = ProcessWatch(writer_pid)
         self._next = _WORD.unpack_from(self.view, self._counter)[0]
         self._message: Optional[bytearray] = None  # a multi-chunk message being assembled
@@ -360,7 +391,21 @@ class RingReader(_Ring):
                         f"broadcast channel: the writer (rank {self.writer_rank}, pid "
                         f"{self._watch.pid}) exited without closing the channel; no more messages "
                         "will come. Check its output")
-            backoff.pause(now)
+            if FUTEX is None:
+                backoff.pause(now)
+            else:
+                backoff.pause(now, lambda seconds: self._sleep(base, seq, min(seconds, deadline - now)))
+
+    def _sleep(self, base: int, seen: int, seconds: float) -> None:
+        """Sleep until the writer changes the sequence at ``base`` (it wakes us; see RingWriter._wake)."""
+        view = self.view
+        view[self._sleeper] = 1
+        full_fence()  # our sleeper byte is visible before we look at the sequence again
+        try:
+            if _WORD.unpack_from(view, base)[0] == seen and not _WORD.unpack_from(view, _CLOSED)[0]:
+                FUTEX.wait(self.address + base, seen, seconds)  # the low 32 bits of the sequence
+        finally:
+            view[self._sleeper] = 0
 
     def close(self) -> None:
         """Stop reading: the writer no longer waits for this reader. Idempotent."""

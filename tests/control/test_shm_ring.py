@@ -223,3 +223,34 @@ def test_a_ring_that_cannot_be_made_or_opened_says_why(tmp_path):
                    max_bytes=1 << 20, **SHAPE)
     writer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(_shm_ring.FUTEX is None, reason="futexes need Linux")
+def test_a_sleeping_reader_is_woken_by_the_writer(monkeypatch):
+    """Past the spin phase a reader sleeps on a futex for up to 50 ms; the writer must wake it."""
+    from distrib.control import _waiting
+
+    monkeypatch.setattr(_waiting, "SPIN_SECONDS", 0.0)  # sleep at once
+    writer, (reader,) = _pair(readers=1)
+    delays = []
+    try:
+        for _ in range(7):
+            got = {}
+
+            def receive():
+                reader.read(_soon())
+                got["at"] = time.monotonic()
+
+            thread = threading.Thread(target=receive)
+            thread.start()
+            time.sleep(0.3)  # long enough for the reader's sleeps to reach their 50 ms cap
+            sent = time.monotonic()
+            writer.write(b"wake up", _soon())
+            thread.join(timeout=10)
+            delays.append(got["at"] - sent)
+    finally:
+        writer.close()
+        reader.close()
+    delays.sort()
+    # Unwoken, a reader would see the message after half its 50 ms sleep on average.
+    assert delays[len(delays) // 2] < 0.010, delays
