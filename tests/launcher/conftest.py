@@ -94,3 +94,21 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+# Writer rank 0 (node 0), then writer rank 3 (node 1), two ranks per node: how each rank
+# takes part in the two channels that scripts/channel.py makes.
+CHANNEL_TRANSPORTS = {0: ["writer", "zmq"], 1: ["shm", "zmq"], 2: ["zmq", "shm"], 3: ["zmq", "writer"]}
+
+
+def channel_results(*outputs: str) -> dict:
+    """Every rank's RESULT record that scripts/channel.py printed, by rank."""
+    import json
+    import re
+
+    records = {}
+    for out in outputs:
+        for line in re.findall(r"^\[\d\] RESULT (.*)$", out, re.M):
+            record = json.loads(line)
+            records[record["rank"]] = record
+    return records

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from .conftest import alive, read_pids, script, start_cli, wait_for
+from .conftest import CHANNEL_TRANSPORTS, alive, channel_results, read_pids, script, start_cli, wait_for
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -139,16 +139,11 @@ def test_broadcast_channel_across_hosts_uses_shared_memory_on_the_writers_host_a
     (out1, err1), (out0, err0) = _finish(*nodes, timeout=150)
     assert nodes[1].returncode == 0, err0
     assert nodes[0].returncode == 0, err1
-    records = {}
-    for out in (out0, out1):
-        for line in re.findall(r"^\[\d\] RESULT (.*)$", out, re.M):
-            record = json.loads(line)
-            records[record["rank"]] = record
+    records = channel_results(out0, out1)
     assert sorted(records) == [0, 1, 2, 3]
     # Writer rank 0 (host 0), then writer rank 3 (host 1); each binds its own host's address.
-    expected = {0: ["writer", "zmq"], 1: ["shm", "zmq"], 2: ["zmq", "shm"], 3: ["zmq", "writer"]}
     for rank, record in records.items():
-        assert [c["transport"] for c in record["channels"]] == expected[rank]
+        assert [c["transport"] for c in record["channels"]] == CHANNEL_TRANSPORTS[rank]
         assert all(c["ok"] for c in record["channels"]), record
         first, second = (c["endpoint"] for c in record["channels"])
         assert first.startswith(f"tcp://{ADDRESSES[0]}:") and second.startswith(f"tcp://{ADDRESSES[1]}:")
