@@ -9,9 +9,10 @@ client of it, under the prefix ``distrib/<launch_id>/nodes``:
   failure, so every other node stops its workers and reports the same cause;
 - ``beat/<k>``: a counter node ``k`` advances while it lives, so node 0 can
   tell a node that is still working from one whose launcher was killed;
-- ``reports`` and ``report/<n>``: the n-th request, from some node, that
-  every node report where its ranks are (a hang seen on one node is seen on
-  all; JSON: the asking node and why);
+- ``reports``, ``report/<n>`` and ``stacks/<n>/<k>``: the n-th request, from
+  some node, for every node's stack snapshots (JSON: the asking node and
+  why), and node ``k``'s answer (msgpack), so that one node prints where
+  every rank of the launch is;
 - ``done/<k>``: node ``k`` has finished. Node 0 keeps the store up until
   every node is done, because the workers of slower nodes still use it.
 
@@ -153,13 +154,14 @@ class NodeRendezvous:
                 found.append(WorkerFailure(**{n: record.get(n) for n in _FAILURE_FIELDS}))
         return found
 
-    def request_reports(self, reason: str) -> None:
-        """Ask every other node to report where its ranks are (this node reports its own)."""
+    def request_reports(self, reason: str) -> int:
+        """Ask every other node for its ranks' stacks; returns the request's number."""
         number = self._store.add("reports", 1)
         self._store.set(f"report/{number}", json.dumps({"node": self.node_rank, "reason": reason}))
+        return number
 
-    def report_requests(self) -> list[tuple[int, str]]:
-        """Requests from other nodes not handled yet: (asking node, reason)."""
+    def report_requests(self) -> list[tuple[int, int, str]]:
+        """Requests from other nodes not handled yet: (number, asking node, reason)."""
         count = self._store.add("reports", 0)
         found = []
         while self._reports_seen < count:
@@ -171,8 +173,25 @@ class NodeRendezvous:
             except Exception:  # a request whose record never came: nothing to answer
                 continue
             if record.get("node") != self.node_rank:
-                found.append((int(record.get("node", -1)), str(record.get("reason", ""))))
+                found.append((self._reports_seen, int(record.get("node", -1)), str(record.get("reason", ""))))
         return found
+
+    def post_stacks(self, number: int, payload: bytes) -> None:
+        """This node's answer to request ``number``."""
+        self._store.set(f"stacks/{number}/{self.node_rank}", payload)
+
+    def stacks_for(self, number: int) -> dict[int, bytes]:
+        """The other nodes' answers to request ``number`` so far (no waiting)."""
+        found = {}
+        for k in range(self.nnodes):
+            key = f"stacks/{number}/{k}"
+            if k != self.node_rank and self._store.check([key]):
+                found[k] = self._store.get(key)
+        return found
+
+    def finished_nodes(self) -> list[int]:
+        """Nodes that have finished (they answer no more requests)."""
+        return [k for k in range(self.nnodes) if self._store.check([f"done/{k}"])]
 
     def lost_nodes(self) -> list[int]:
         """Nodes not done whose heartbeat has not moved for HEARTBEAT_TIMEOUT seconds."""

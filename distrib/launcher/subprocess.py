@@ -139,9 +139,8 @@ class _Launch:
             if options.show_ranks is not None:
                 show = options.show_ranks.__contains__
             relay = OutputRelay(self.stdout, self.stderr, options.log_dir, show)
-            tell = self.rendezvous.request_reports if self.rendezvous is not None else None
             self.hangwatch = HangWatch(secret, relay.note, scratch, options.log_dir,
-                                       options.heartbeat_timeout, tell_other_nodes=tell)
+                                       options.heartbeat_timeout, nodes=self.rendezvous)
             self.hangwatch.install_signal()
             guardian = Guardian.start()
             for local_rank in range(self.nprocs):
@@ -301,9 +300,9 @@ class _Launch:
 
     def _check_other_nodes(self) -> None:
         self._call_store(self.rendezvous.beat)
-        for node, reason in self._call_store(self.rendezvous.report_requests):
+        for number, node, reason in self._call_store(self.rendezvous.report_requests):
             running = {w.rank for w in self.workers if w.poll() is None}
-            self.hangwatch.asked_by(node, reason, running)
+            self.hangwatch.asked_by(number, node, reason, running)
         remote = self._call_store(self.rendezvous.remote_failures)
         if remote:
             teardown = time.time()

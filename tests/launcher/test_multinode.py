@@ -55,14 +55,16 @@ def test_nodes_arriving_at_different_times_wait_for_each_other():
     assert launch_ids == {f"127.0.0.1:{port}"}
 
 
-def test_sigusr1_to_node_0_makes_every_node_report_its_ranks(tmp_path):
+def _two_nodes(port: int, *args: str):
+    return [start_cli(*_node_args(k, port, "--nprocs", "2", "--rdzv-timeout", "60"), *args) for k in (0, 1)]
+
+
+def test_sigusr1_to_node_0_reports_every_rank_of_every_node(tmp_path):
     import signal
 
     from .conftest import wait_for
 
-    port = free_port()
-    nodes = [start_cli(*_node_args(k, port, "--nprocs", "2", "--rdzv-timeout", "60"),
-                       script("stuck.py"), "sleep", "8", str(tmp_path)) for k in (0, 1)]
+    nodes = _two_nodes(free_port(), script("stuck.py"), "sleep", "8", str(tmp_path))
     try:
         wait_for(lambda: len(list(tmp_path.glob("*.ready"))) == 4, 60, "every rank to be in place")
         nodes[0].send_signal(signal.SIGUSR1)
@@ -74,7 +76,23 @@ def test_sigusr1_to_node_0_makes_every_node_report_its_ranks(tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], outputs
     first, second = outputs[0][1], outputs[1][1]
     assert "distrib-run: stack dump requested (SIGUSR1). Where each rank is:" in first
-    assert re.search(r"distrib-run:   ranks 0-1\s+in its own code\s+stuck.py:\d+ in nap", first), first
-    assert ("distrib-run: node 0 asked every node where its ranks are (stack dump requested "
-            "(SIGUSR1)). This node's ranks:") in second
-    assert re.search(r"distrib-run:   ranks 2-3\s+in its own code\s+stuck.py:\d+ in nap", second), second
+    # One screen on node 0 for the ranks of both nodes.
+    assert re.search(r"distrib-run:   ranks 0-3\s+in its own code\s+stuck.py:\d+ in nap", first), first
+    assert ("distrib-run: node 0 asked where every rank is (stack dump requested (SIGUSR1)); sent "
+            "this node's ranks (2-3) for its report") in second
+
+
+def test_a_timeout_seen_on_both_nodes_gives_one_report_of_every_rank():
+    nodes = _two_nodes(free_port(), script("stuck.py"), "coordinator")
+    try:
+        outputs = [node.communicate(timeout=90) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert all(node.returncode != 0 for node in nodes)
+    both = outputs[0][1] + outputs[1][1]
+    reports = re.findall(r"distrib-run: barrier timed out on rank \d.*Where each rank is:", both)
+    assert len(reports) == 1, both  # not one per node, though ranks of both nodes timed out
+    assert re.search(r"distrib-run:   ranks 0, 2-3\s+in barrier\s+stuck.py:\d+", both), both
+    assert re.search(r"distrib-run:   rank 1\s+in all_gather\s+stuck.py:\d+", both), both
