@@ -72,28 +72,35 @@ def parse_devices(text: str) -> tuple[int, ...]:
     return chosen
 
 
-def assign_devices(devices: Optional[Sequence[int]], nprocs: int) -> list[Optional[int]]:
+def assign_devices(devices: Optional[Sequence[int]], nprocs: int, *, option: str = "--devices",
+                   count: str = "{n} processes per node", no_gpus: str = "--devices cpu") -> list[Optional[int]]:
     """The GPU index for each local rank (``None``: no GPU).
 
     ``None`` gives local rank ``r`` GPU ``r`` when GPUs are visible (and
-    none at all when they are not); an explicit list must name one GPU per
-    process; an empty list means no GPUs.
+    none at all when they are not); an explicit list must name one distinct
+    GPU per process; an empty list means no GPUs. Errors name things as the
+    caller spells them: ``option`` (the devices argument), ``count`` (the
+    process count, with ``{n}``) and ``no_gpus`` (how to run without GPUs);
+    the defaults are distrib-run's.
     """
     if devices is not None and len(devices) == 0:
         return [None] * nprocs
-    count = visible_gpu_count()
+    processes = count.format(n=nprocs)
+    gpus = visible_gpu_count()
     if devices is None:
-        if count == 0:
+        if gpus == 0:
             return [None] * nprocs
-        if nprocs > count:
-            raise ConfigError(
-                f"{nprocs} processes per node but only {count} GPUs are visible; expected at most "
-                f"{count}, or --devices cpu to run without GPUs")
+        if nprocs > gpus:
+            raise ConfigError(f"{processes} but only {gpus} GPUs are visible; expected at most {gpus}, "
+                              f"or {no_gpus} to run without GPUs")
         return list(range(nprocs))
     chosen = list(devices)
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in chosen):
+        raise ConfigError(f"{option} is invalid; expected non-negative GPU indices")
     if len(chosen) != nprocs:
-        raise ConfigError(f"--devices names {len(chosen)} GPUs ({','.join(map(str, chosen))}) for "
-                          f"{nprocs} processes per node; expected one GPU per process")
-    if max(chosen) >= count:
-        raise ConfigError(f"--devices names GPU {max(chosen)}, but {count} GPUs are visible here")
+        raise ConfigError(f"{option} names {len(chosen)} GPUs for {processes}; expected one GPU per process")
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"{option} repeats a GPU; expected one distinct GPU per process")
+    if max(chosen) >= gpus:
+        raise ConfigError(f"{option} names GPU {max(chosen)}, but {gpus} GPUs are visible here")
     return chosen

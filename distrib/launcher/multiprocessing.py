@@ -29,7 +29,7 @@ from .._text import format_ranks
 from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailedError, WorkerFailure
 from ..info import LaunchInfo
 from .api import Launcher, launchers
-from ._devices import visible_gpu_count
+from ._devices import assign_devices
 from ._hangwatch import HangWatch
 from ._process import die_with_parent, signal_name, terminate_trees
 
@@ -243,30 +243,13 @@ def _check_arguments(target, nprocs, timeout) -> None:
 
 
 def _assign_devices(devices: Devices, nprocs: int) -> list[Optional[int]]:
-    if devices == "cpu" or (devices is not None and not isinstance(devices, str) and len(devices) == 0):
+    if devices == "cpu":
         return [None] * nprocs
     if isinstance(devices, str):
         raise ConfigError(f"devices={devices!r} is invalid; expected None, 'cpu' or a list of GPU indices")
-    count = visible_gpu_count()
-    if devices is None:
-        if count == 0:
-            return [None] * nprocs
-        if nprocs > count:
-            raise ConfigError(
-                f"nprocs={nprocs} but only {count} GPUs are visible; expected nprocs <= {count}, "
-                "or devices=[] to run without GPUs")
-        return list(range(nprocs))
-    chosen = list(devices)
-    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in chosen):
-        raise ConfigError(f"devices={chosen!r} is invalid; expected non-negative GPU indices")
-    if len(chosen) != nprocs:
-        raise ConfigError(f"devices={chosen!r} names {len(chosen)} GPUs for nprocs={nprocs}; "
-                          "expected one GPU per process")
-    if len(set(chosen)) != len(chosen):
-        raise ConfigError(f"devices={chosen!r} repeats a GPU; expected one distinct GPU per process")
-    if max(chosen) >= count:
-        raise ConfigError(f"devices={chosen!r} names GPU {max(chosen)}, but {count} GPUs are visible")
-    return chosen
+    return assign_devices(None if devices is None else list(devices), nprocs,
+                          option=f"devices={list(devices or [])!r}", count="nprocs={n}",
+                          no_gpus="devices=[]")
 
 
 # -- worker side -----------------------------------------------------------------
