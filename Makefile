@@ -12,7 +12,7 @@ TORCH  ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml examples/vendor_plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)" setuptools
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,nvcc]"
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e examples/vendor_plugin
 	touch $@
 

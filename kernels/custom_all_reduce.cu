@@ -10,11 +10,11 @@
 namespace distrib {
 #define DISTRIB_INSTANTIATE(T, N)                                                          \
   template __global__ void one_shot<T, N>(const Context*, const RankData*, const uint4*, \
-                                          uint4*, int);                                  \
+                                          uint4*, int, unsigned);                                  \
   template __global__ void two_shot<T, N>(const Context*, const RankData*, const uint4*, \
-                                          uint4*, int);                                  \
+                                          uint4*, int, unsigned);                                  \
   template __global__ void lamport_one_shot<T, N>(const Context*, const RankData*,       \
-                                                  const uint4*, uint4*, int);
+                                                  const uint4*, uint4*, int, unsigned);
 #define DISTRIB_INSTANTIATE_DTYPES(N) \
   DISTRIB_INSTANTIATE(float, N)       \
   DISTRIB_INSTANTIATE(__half, N)      \

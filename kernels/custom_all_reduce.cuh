@@ -60,9 +60,43 @@
 // fence (seed 000 measured ~6 µs for that fence on A100).
 //
 // Bounded waits. Each wait spins on %globaltimer and gives up after
-// timeout_ns. The first block to give up records (1 + peer, block) in a
-// host-mapped error word, and the kernel skips all remaining phases of this
-// call; the host reads the word and raises an error naming the peer.
+// timeout_ns.
+//
+// ---------------------------------------------------------------------------
+// Fail-stop: a call that gave up never passes for a result
+// ---------------------------------------------------------------------------
+// A block that gives up (a peer did not arrive in time, or a graph replayed
+// before its inputs were registered) does three things:
+//   1. it writes NaN over its share of the output, so the call's result
+//      cannot pass for data (an exact partial result is overwritten too);
+//   2. it poisons the communicator: Signal::poison on every rank, itself
+//      included, is set to its mark, (1 + its rank) | (1 + the peer it
+//      waited for) << 16 (system-scope CAS: the first wins), so that every
+//      rank can say who gave up on whom;
+//   3. it fills the host-mapped error record (first failure in this process
+//      wins), which the host's watchdog and every later launch read.
+// Every kernel reads its own rank's poison word before it publishes anything
+// (barrier arrivals, Lamport pushes), and again while it waits; a poisoned
+// call writes NaN and returns. So once any rank gave up, every later call on
+// every rank either finished exactly (it completed before the poison reached
+// it) or returns NaN and the host raises.
+//
+// Why a barrier kernel's output is never silently wrong: a block keeps its
+// output only if it passes its *last* barrier, which needs the same block of
+// every peer to have arrived there in the same call, i.e. to have finished
+// reading this rank's data and to have staged its own before the first
+// barrier. A rank that gave up at a barrier never arrives at the next one,
+// so the peers' blocks waiting there give up too (they see the poison, or
+// time out) and write NaN. Staging by a poisoned rank can therefore only
+// corrupt reads whose results are thrown away.
+//
+// Why a Lamport result is never silently wrong: a poisoned rank pushes
+// nothing more (it checks its poison word before its first push), so peers
+// can only read data of calls that rank made before it stopped; a read that
+// waits for more sees the poison (or times out) and writes NaN. The rank
+// that gave up leaves its own buffer half consumed, but it never reads it
+// again: its poison word is set by its own kernel, which precedes every
+// later kernel of that rank in stream order.
 // ---------------------------------------------------------------------------
 
 #pragma once
@@ -80,11 +114,18 @@
 #ifndef DISTRIB_LAMPORT_BLOCKS
 #define DISTRIB_LAMPORT_BLOCKS 8
 #endif
+// 0 compiles the poison checks out (only to measure what they cost; a
+// timeout then still ends the call and records the error, nothing more).
+#ifndef DISTRIB_FAIL_STOP
+#define DISTRIB_FAIL_STOP 1
+#endif
 
 namespace distrib {
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
+
+constexpr bool kFailStop = DISTRIB_FAIL_STOP != 0;
 
 // Lives at the start of each rank's IPC allocation; zeroed once at creation.
 struct Signal {
@@ -92,11 +133,31 @@ struct Signal {
   u32 epoch[DISTRIB_MAX_BLOCKS];                      // this rank's own counts
   u32 p2p_check[DISTRIB_MAX_RANKS][4];                // P2P write test scratch
   u32 lamport_calls[DISTRIB_LAMPORT_BLOCKS];          // Lamport calls made, per block
+  u32 lamport_copy[DISTRIB_LAMPORT_BLOCKS];           // copy the next Lamport call uses: 0, 1, 2
+  u32 poison;                                         // 0, or the mark of the rank that stopped it
 };
 
-// Per-call input addresses of every rank (a slot in a device array).
+// Per-call input addresses of every rank (a slot in a device array). A slot
+// of a captured call is all zeros until the capture's inputs are registered.
 struct RankData {
   const void* ptrs[DISTRIB_MAX_RANKS];
+};
+
+// Why a call gave up (ErrorRecord::kind).
+enum ErrorKind : u32 {
+  kTimeout = 1,       // `who`: the peer that did not arrive within timeout_ns
+  kPoisoned = 2,      // `who`: the poison mark of the rank that stopped the communicator
+  kUnregistered = 3,  // a graph replayed before its captured inputs were registered (`who`: self)
+};
+
+// Host-mapped (pinned) memory: the first failure of a process is recorded here.
+struct ErrorRecord {
+  u32 who_plus_one;   // written last: non-zero means the fields below are complete
+  u32 block;
+  u32 call;           // the call's id, as the host passed it to the kernel
+  u32 kind;           // ErrorKind
+  u32 claim;          // CAS'd 0 -> 1 by the one writer
+  u32 unused[3];
 };
 
 // Per-communicator constants (device memory, written once by the host).
@@ -104,7 +165,7 @@ struct Context {
   Signal* self;
   Signal* signals[DISTRIB_MAX_RANKS];  // every rank's Signal, self included
   void* scratch[DISTRIB_MAX_RANKS];    // every rank's scratch buffer
-  volatile u32* error;                 // host-mapped: [0] = 1 + peer, [1] = block
+  ErrorRecord* error;                  // host-mapped
   u64 timeout_ns;
   int rank;
   int lamport_slot_packs;              // capacity of one rank's slot, in 16-byte packs
@@ -128,27 +189,84 @@ __device__ __forceinline__ u64 global_timer_ns() {
   return t;
 }
 
-// Returns false (for the whole block) if some peer did not arrive in time.
+__device__ __forceinline__ u32 ld_volatile(const u32* addr) {
+  u32 value;
+  asm volatile("ld.volatile.global.u32 %0, [%1];" : "=r"(value) : "l"(addr) : "memory");
+  return value;
+}
+
+// Records the first failure of this process in the host-mapped error record.
+__device__ void record_error(const Context* ctx, u32 kind, u32 who, u32 call) {
+  ErrorRecord* e = ctx->error;
+  if (atomicCAS_system(&e->claim, 0u, 1u) != 0u) return;
+  volatile ErrorRecord* v = e;
+  v->block = blockIdx.x;
+  v->call = call;
+  v->kind = kind;
+  __threadfence_system();  // the fields before the word that says they are there
+  v->who_plus_one = who + 1u;
+}
+
+// Stops the communicator on every rank (see "Fail-stop" above); `waited`: the
+// peer this rank gave up on (itself for a refused replay).
 template <int N>
-__device__ __forceinline__ bool barrier(const Context* ctx, u32 target, u64 deadline) {
-  __shared__ int timed_out;
-  if (threadIdx.x == 0) timed_out = 0;
-  __syncthreads();
+__device__ void poison_all(const Context* ctx, int waited) {
+  const u32 mark = ((u32)ctx->rank + 1u) | (((u32)waited + 1u) << 16);
+#pragma unroll
+  for (int p = 0; p < N; ++p) atomicCAS_system(&ctx->signals[p]->poison, 0u, mark);
+}
+
+// This block's share of the output becomes NaN (all-ones words are NaN in
+// float32, float16 and bfloat16 alike).
+__device__ __forceinline__ void poison_output(uint4* out, int packs) {
+  const uint4 nan = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu);
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < packs; i += gridDim.x * blockDim.x) out[i] = nan;
+}
+
+// A block's barrier. Returns false (for the whole block) if the call must
+// stop: the communicator was poisoned, a peer did not arrive in time, or
+// (first barrier of a registered call) the call's RankData slot is empty.
+// `poisoned` is this thread's early read of its own poison word (threads
+// < N read it at kernel entry, so the load's latency hides behind staging).
+template <int N>
+__device__ __forceinline__ bool barrier(const Context* ctx, u32 target, u64 deadline, u32 call,
+                                        u32 poisoned, const RankData* check = nullptr) {
+  bool stop = false;
+  if (threadIdx.x < N) {
+    const int peer = threadIdx.x;
+    if (poisoned) {
+      record_error(ctx, kPoisoned, poisoned, call);
+      stop = true;
+    } else if (kFailStop && check != nullptr && check->ptrs[peer] == nullptr) {
+      record_error(ctx, kUnregistered, (u32)ctx->rank, call);
+      poison_all<N>(ctx, ctx->rank);
+      stop = true;
+    }
+  }
+  // Every thread's stores (staging, partial results) and peer loads of this
+  // phase are done before any arrival is published; a stop is known to all.
+  if (__syncthreads_or(stop)) return false;
   if (threadIdx.x < N) {
     const int peer = threadIdx.x;
     st_release_sys(&ctx->signals[peer]->arrive[blockIdx.x][ctx->rank], target);
     const u32* mine = &ctx->self->arrive[blockIdx.x][peer];
-    while ((int)(ld_acquire_sys(mine) - target) < 0) {
+    for (u32 spins = 1; (int)(ld_acquire_sys(mine) - target) < 0; ++spins) {
+      if ((spins & 15u) != 0u) continue;
+      const u32 mark = kFailStop ? ld_volatile(&ctx->self->poison) : 0u;
+      if (mark) {
+        record_error(ctx, kPoisoned, mark, call);
+        stop = true;
+        break;
+      }
       if (global_timer_ns() > deadline) {
-        // First failure wins; the host names `peer` in its error.
-        if (atomicCAS((u32*)&ctx->error[0], 0u, (u32)(peer + 1)) == 0u) ctx->error[1] = blockIdx.x;
-        timed_out = 1;
+        record_error(ctx, kTimeout, (u32)peer, call);
+        if (kFailStop) poison_all<N>(ctx, peer);
+        stop = true;
         break;
       }
     }
   }
-  __syncthreads();
-  return timed_out == 0;
+  return !__syncthreads_or(stop);
 }
 
 // 16 bytes of T, reduced in float.
@@ -231,17 +349,20 @@ template <typename T, int N>
 __global__ void __launch_bounds__(512) one_shot(const Context* __restrict__ ctx,
                                                 const RankData* __restrict__ data,
                                                 const uint4* __restrict__ in,
-                                                uint4* __restrict__ out, int packs) {
+                                                uint4* __restrict__ out, int packs, u32 call) {
+  const u32 poisoned = kFailStop && threadIdx.x < N ? ld_volatile(&ctx->self->poison) : 0u;
   u32 epoch = ctx->self->epoch[blockIdx.x];
   const u64 deadline = global_timer_ns() + ctx->timeout_ns;
   stage_input(ctx, data, in, 0, packs);
-  if (barrier<N>(ctx, ++epoch, deadline)) {
+  bool ok = barrier<N>(ctx, ++epoch, deadline, call, poisoned, data);
+  if (ok) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < packs; i += gridDim.x * blockDim.x)
       out[i] = reduce_pack<T, N>(data, i);
     // Nobody may overwrite its staging buffer (next call) or its input
     // (the caller's next kernel) until every peer has finished reading it.
-    barrier<N>(ctx, ++epoch, deadline);
+    ok = barrier<N>(ctx, ++epoch, deadline, call, 0u);
   }
+  if (kFailStop && !ok) poison_output(out, packs);
   if (threadIdx.x == 0) ctx->self->epoch[blockIdx.x] = epoch;
 }
 
@@ -252,7 +373,8 @@ template <typename T, int N>
 __global__ void __launch_bounds__(512) two_shot(const Context* __restrict__ ctx,
                                                 const RankData* __restrict__ data,
                                                 const uint4* __restrict__ in,
-                                                uint4* __restrict__ out, int packs) {
+                                                uint4* __restrict__ out, int packs, u32 call) {
+  const u32 poisoned = kFailStop && threadIdx.x < N ? ld_volatile(&ctx->self->poison) : 0u;
   u32 epoch = ctx->self->epoch[blockIdx.x];
   const u64 deadline = global_timer_ns() + ctx->timeout_ns;
   const int part = (packs + N - 1) / N;
@@ -261,7 +383,8 @@ __global__ void __launch_bounds__(512) two_shot(const Context* __restrict__ ctx,
   // element i is then the block that peers' block of the same index reads it
   // with, which is what a per-block barrier can vouch for.
   for (int c = 0; c < N; ++c) stage_input(ctx, data, in, c * part, min((c + 1) * part, packs));
-  if (barrier<N>(ctx, ++epoch, deadline)) {
+  bool ok = barrier<N>(ctx, ++epoch, deadline, call, poisoned, data);
+  if (ok) {
     {
       const int begin = rank * part, end = min(begin + part, packs);
       uint4* scratch = reinterpret_cast<uint4*>(ctx->scratch[rank]);
@@ -271,7 +394,8 @@ __global__ void __launch_bounds__(512) two_shot(const Context* __restrict__ ctx,
         out[i] = v;
       }
     }
-    if (barrier<N>(ctx, ++epoch, deadline)) {
+    ok = barrier<N>(ctx, ++epoch, deadline, call, 0u);
+    if (ok) {
 #pragma unroll
       for (int step = 1; step < N; ++step) {
         const int p = (rank + step) % N;  // spread the reads over peers
@@ -281,9 +405,10 @@ __global__ void __launch_bounds__(512) two_shot(const Context* __restrict__ ctx,
           out[i] = scratch[i];
       }
       // Scratch and inputs stay untouched until every peer has copied out.
-      barrier<N>(ctx, ++epoch, deadline);
+      ok = barrier<N>(ctx, ++epoch, deadline, call, 0u);
     }
   }
+  if (kFailStop && !ok) poison_output(out, packs);
   if (threadIdx.x == 0) ctx->self->epoch[blockIdx.x] = epoch;
 }
 
@@ -298,7 +423,7 @@ __global__ void __launch_bounds__(512) two_shot(const Context* __restrict__ ctx,
 // sentinel element; aligned 32-bit stores are single-copy atomic, so an
 // element is either the sentinel or the final value, never a mix.
 //
-// Reuse: the buffer rotates over 3 copies (call k uses copy k % 3), and the
+// Reuse: the buffer rotates over 3 copies (call k uses copy k mod 3), and the
 // owner re-fills each pack with the sentinel right after reading it. A peer
 // writes copy c again only at call k + 3, which it can reach only after
 // receiving this rank's data for calls k + 1 and k + 2, which this rank sends
@@ -306,9 +431,12 @@ __global__ void __launch_bounds__(512) two_shot(const Context* __restrict__ ctx,
 // That causal chain through the data is what orders the re-fill before the
 // peer's next write; the window between them is two whole all-reduces.
 //
-// The rotation counter must agree on every rank and in every block, inside
-// CUDA graphs too, so it lives in device memory, one per block, and the
-// kernel always runs exactly DISTRIB_LAMPORT_BLOCKS blocks.
+// The rotation must agree on every rank and in every block, inside CUDA
+// graphs too, so it lives in device memory, one per block, and the kernel
+// always runs exactly DISTRIB_LAMPORT_BLOCKS blocks. It is kept as the copy
+// index itself (0, 1, 2, 0, ...), not derived from a call counter: a 32-bit
+// counter's `% 3` repeats a copy where it wraps (2^32 = 1 mod 3), which would
+// remove the two calls of slack. The call counter is kept for reports only.
 //
 // Sentinels: 16-bit types use the word 0x80008000 (-0.0 in both halves),
 // float32 uses 0x80000000. The two classes have separate regions, so a
@@ -350,18 +478,21 @@ template <typename T, int N>
 __global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restrict__ ctx,
                                                         const RankData* __restrict__ unused,
                                                         const uint4* __restrict__ in,
-                                                        uint4* __restrict__ out, int packs) {
+                                                        uint4* __restrict__ out, int packs, u32 call) {
   typedef Sentinel<T> S;
-  const u32 call = ctx->self->lamport_calls[blockIdx.x];
+  // Issued first: its latency overlaps the input loads below.
+  const u32 poisoned = kFailStop ? ld_volatile(&ctx->self->poison) : 0u;
+  const u32 rotation = ctx->self->lamport_copy[blockIdx.x];
   const int rank = ctx->rank;
   const long slot = ctx->lamport_slot_packs;
   // Offset of slot 0 of this call's copy, for this sentinel class.
-  const long copy = ((long)(call % 3) * 2 + S::cls) * N * slot;
+  const long copy = ((long)rotation * 2 + S::cls) * N * slot;
   const int stride = gridDim.x * blockDim.x;
   const int first = blockIdx.x * blockDim.x + threadIdx.x;
 
   for (int i = first; i < packs; i += stride) {
     uint4 v = in[i];
+    if (poisoned) break;  // a stopped communicator publishes nothing more
     v = make_uint4(S::clean(v.x), S::clean(v.y), S::clean(v.z), S::clean(v.w));
 #pragma unroll
     for (int p = 0; p < N; ++p) st_volatile_v4(ctx->lamport[p] + copy + rank * slot + i, v);
@@ -370,32 +501,52 @@ __global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restric
   uint4* mine = ctx->lamport[rank] + copy;
   const uint4 empty = make_uint4(S::word, S::word, S::word, S::word);
   const u64 deadline = global_timer_ns() + ctx->timeout_ns;
-  bool ok = true;
+  bool ok = poisoned == 0u;
+  if (!ok) record_error(ctx, kPoisoned, poisoned, call);
   for (int i = first; i < packs && ok; i += stride) {
     float acc[Pack<T>::n], x[Pack<T>::n];
 #pragma unroll
     for (int p = 0; p < N; ++p) {
       uint4 v = ld_volatile_v4(mine + p * slot + i);
-      for (int spins = 1; S::empty(v.x) || S::empty(v.y) || S::empty(v.z) || S::empty(v.w); ++spins) {
-        if ((spins & 1023) == 0 && global_timer_ns() > deadline) {
-          if (atomicCAS((u32*)&ctx->error[0], 0u, (u32)(p + 1)) == 0u) ctx->error[1] = blockIdx.x;
-          ok = false;
-          break;
+      for (u32 spins = 1; S::empty(v.x) || S::empty(v.y) || S::empty(v.z) || S::empty(v.w); ++spins) {
+        if ((spins & 1023u) == 0u) {
+          const u32 mark = kFailStop ? ld_volatile(&ctx->self->poison) : 0u;
+          if (mark) {
+            record_error(ctx, kPoisoned, mark, call);
+            ok = false;
+            break;
+          }
+          if (global_timer_ns() > deadline) {
+            record_error(ctx, kTimeout, (u32)p, call);
+            if (kFailStop) poison_all<N>(ctx, p);
+            ok = false;
+            break;
+          }
         }
         v = ld_volatile_v4(mine + p * slot + i);
       }
+      if (!ok) break;
       Pack<T>::load(v, p == 0 ? acc : x);
       if (p > 0) {
 #pragma unroll
         for (int e = 0; e < Pack<T>::n; ++e) acc[e] += x[e];
       }
     }
+    if (!ok) break;
     out[i] = Pack<T>::store(acc);
 #pragma unroll
     for (int p = 0; p < N; ++p) mine[p * slot + i] = empty;
   }
+  // A thread that stopped leaves NaN in all of its packs (exact ones included).
+  if (kFailStop && !ok) {
+    const uint4 nan = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu);
+    for (int i = first; i < packs; i += stride) out[i] = nan;
+  }
   __syncthreads();
-  if (threadIdx.x == 0) ctx->self->lamport_calls[blockIdx.x] = call + 1;
+  if (threadIdx.x == 0) {
+    ctx->self->lamport_calls[blockIdx.x] += 1u;
+    ctx->self->lamport_copy[blockIdx.x] = rotation == 2u ? 0u : rotation + 1u;
+  }
 }
 
 // Writes `pattern` into every peer's p2p_check slot for this rank, through

@@ -1,8 +1,9 @@
 """Host side of the custom P2P all-reduce (kernels/custom_all_reduce.cuh).
 
 :class:`CustomAllReduceEngine` owns the IPC-shared buffers of one rank, the
-peers' opened buffers, the compiled kernels and the graph-buffer registry.
-It works on raw device pointers; the Communicator in ``custom.py`` adapts
+peers' opened buffers, the compiled kernels, the graph-buffer registry and
+the watchdog that stops the process when a kernel gave up (fail-stop). It
+works on raw device pointers; the Communicator in ``custom.py`` adapts
 tensors to it and decides which calls it may take.
 """
 from __future__ import annotations
@@ -13,34 +14,53 @@ import json
 import logging
 import os
 import struct
+import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import CommunicatorError
+from ._cuda_driver import KernelLauncher, allocation_of, max_resident_blocks
 
 logger = logging.getLogger("distrib.communicator.custom")
 
-__all__ = ["CustomAllReduceEngine", "SUPPORTED_WORLD_SIZES", "KERNEL_TYPES", "Algorithm"]
+__all__ = ["CustomAllReduceEngine", "Limits", "SUPPORTED_WORLD_SIZES", "KERNEL_TYPES", "Algorithm",
+           "ON_ERROR"]
 
 SUPPORTED_WORLD_SIZES = (2, 4, 6, 8)
 MAX_RANKS = 8
 MAX_BLOCKS = 128  # DISTRIB_MAX_BLOCKS in the .cuh
 THREADS = 512
 PACK_BYTES = 16
-SIGNAL_BYTES = 8192  # sizeof(Signal) = 4768, rounded up so staging starts aligned
+SIGNAL_BYTES = 8192  # sizeof(Signal) = 4804, rounded up so staging starts aligned
 CONTEXT_FORMAT = "<Q8Q8QQQii8Q"  # struct Context in the .cuh, field by field
+ERROR_RECORD_WORDS = 8  # struct ErrorRecord, u32 words
 LAMPORT_BLOCKS = 8  # DISTRIB_LAMPORT_BLOCKS in the .cuh
 LAMPORT_COPIES = 3
 LAMPORT_CLASSES = 2  # float32 sentinels, 16-bit sentinels
 RANK_DATA_BYTES = 8 * MAX_RANKS
 GRAPH_SLOTS = 16384  # registered inputs across all captures of one communicator
 KERNEL_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+ON_ERROR = ("abort", "raise")
+WATCHDOG_INTERVAL = 0.05  # seconds between the watchdog's looks at the error record
+
+# Offsets in struct Signal (checked against the header by the layout test).
+_ARRIVE_OFFSET = 0
+_EPOCH_OFFSET = 4 * MAX_BLOCKS * MAX_RANKS
+_P2P_CHECK_OFFSET = _EPOCH_OFFSET + 4 * MAX_BLOCKS
+_LAMPORT_CALLS_OFFSET = _P2P_CHECK_OFFSET + 4 * MAX_RANKS * 4
+_LAMPORT_COPY_OFFSET = _LAMPORT_CALLS_OFFSET + 4 * LAMPORT_BLOCKS
+_POISON_OFFSET = _LAMPORT_COPY_OFFSET + 4 * LAMPORT_BLOCKS
+
+# enum ErrorKind in the .cuh
+_TIMEOUT, _POISONED, _UNREGISTERED = 1, 2, 3
 
 # cudaHostAllocMapped, cudaIpcMemLazyEnablePeerAccess
 _HOST_ALLOC_MAPPED = 2
 _IPC_LAZY_PEER_ACCESS = 1
+_CALL_IDS = 1 << 32
+_RECENT_CALLS = 4096  # eager calls remembered for error messages
 
 
 class Algorithm:
@@ -54,12 +74,22 @@ ALGORITHMS = (Algorithm.LAMPORT, Algorithm.ONE_SHOT, Algorithm.TWO_SHOT)
 
 @dataclass(frozen=True)
 class Limits:
-    """Size limits in bytes. Calls above ``max_bytes`` are not ours (NCCL takes them)."""
+    """Size limits in bytes. Calls above ``max_bytes`` are not ours (NCCL takes them).
+
+    Every rank must use the same limits (peers' buffer offsets are computed
+    from them); :func:`agree_limits` checks it before any kernel runs.
+    """
 
     max_bytes: int
     lamport_max_bytes: int
     one_shot_max_bytes: int
     max_blocks: int
+
+    @classmethod
+    def of(cls, max_bytes: int, lamport_max_bytes: int, one_shot_max_bytes: int, max_blocks: int) -> "Limits":
+        return cls(max_bytes=_round_up(max_bytes, PACK_BYTES),
+                   lamport_max_bytes=_round_up(min(lamport_max_bytes, max_bytes), PACK_BYTES),
+                   one_shot_max_bytes=one_shot_max_bytes, max_blocks=max(1, min(max_blocks, MAX_BLOCKS)))
 
 
 def kernel_source_dir() -> Path:
@@ -73,60 +103,98 @@ def kernel_source_dir() -> Path:
         "distrib from a full source tree")
 
 
-class CustomAllReduceEngine:
-    """IPC buffers, kernels and graph registration for one rank of one node."""
+def kernel_digest() -> str:
+    """A short hash of the kernel sources (ranks must run the same kernels)."""
+    digest = hashlib.sha256()
+    for path in sorted(kernel_source_dir().glob("custom_all_reduce.cu*")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
-    def __init__(self, coordinator, device: int, max_bytes: int, lamport_max_bytes: int,
-                 one_shot_max_bytes: int, timeout_s: float, max_blocks: int = 36):
+
+class CustomAllReduceEngine:
+    """IPC buffers, kernels, graph registration and the fail-stop watchdog of one rank.
+
+    ``ranks_per_gpu``: the most ranks of the launch that share one GPU. Their
+    kernels wait on each other, so all of their blocks must be resident at
+    once, and must leave room for the ranks' other kernels: a rank's stream
+    may hold a kernel (a copy, a fill) before its all-reduce, which peers
+    on the same GPU are already spinning in. So on a shared GPU the spinning
+    blocks of all its ranks together take at most half of its
+    multiprocessors, one block each (measured on one H200: 4 and 8 ranks
+    whose kernels filled the GPU's block slots waited out their timeout).
+    ``on_error``: ``"abort"`` (a kernel that gave up ends this process with a
+    report, as NCCL's asynchronous error handling does) or ``"raise"`` (every
+    later call raises :class:`CommunicatorError`; graph replays return NaN).
+    ``fail_stop=False`` compiles the poison checks out and starts no watchdog:
+    only for measuring what fail-stop costs.
+    """
+
+    def __init__(self, coordinator, device: int, limits: Limits, timeout_s: float,
+                 ranks_per_gpu: int = 1, on_error: str = "abort", fail_stop: bool = True):
         import cupy
 
         self._cupy = cupy
         self.rank = coordinator.rank
         self.world_size = coordinator.world_size
         self.device = device
-        self.limits = Limits(max_bytes=_round_up(max_bytes, PACK_BYTES),
-                             lamport_max_bytes=_round_up(lamport_max_bytes, PACK_BYTES),
-                             one_shot_max_bytes=one_shot_max_bytes,
-                             max_blocks=max(1, min(max_blocks, MAX_BLOCKS)))
-        self._launcher = _Launcher()
+        self.timeout_s = timeout_s
+        self.on_error = on_error
+        self._launcher = KernelLauncher(THREADS)
         self._coordinator = coordinator
         self._closed = False
         self._opened: dict[bytes, int] = {}  # peer IPC handle -> opened base pointer
         self._pending: list[tuple[int, int]] = []  # (slot, input pointer) captured, not yet registered
         self._next_slot = 1  # slot 0 holds the staging buffers
         self._registering = 0
+        self._call = 0
+        self._recent: list = [None] * _RECENT_CALLS  # eager call id % _RECENT_CALLS -> description
+        self._captured: dict[int, tuple] = {}  # captured call id -> description
+        self._last_stream: Optional[int] = None
+        self._switch_event = None
 
         rt = cupy.cuda.runtime
         with cupy.cuda.Device(device):
-            self._module = _compile(self.world_size)
+            self._module = _compile(self.world_size, fail_stop)
             # CUfunction handles, for the ctypes launcher.
             self._kernels = {(alg, t): self._module.get_function(
                 f"distrib::{alg}<{k}, {self.world_size}>").kernel.ptr
                 for alg in ALGORITHMS for t, k in KERNEL_TYPES.items()}
             self._p2p_test = self._module.get_function("distrib::p2p_write_test")
+            sms = rt.getDeviceProperties(device)["multiProcessorCount"]
+            resident = self._resident_blocks(sms)
 
-            slot_bytes = max(PACK_BYTES, self.limits.lamport_max_bytes)
+            slot_bytes = max(PACK_BYTES, limits.lamport_max_bytes)
             lamport_bytes = LAMPORT_COPIES * LAMPORT_CLASSES * self.world_size * slot_bytes
-            lamport_offset = SIGNAL_BYTES + 2 * self.limits.max_bytes
+            lamport_offset = SIGNAL_BYTES + 2 * limits.max_bytes
             self._base = rt.malloc(lamport_offset + lamport_bytes)
             rt.memset(self._base, 0, SIGNAL_BYTES)
             _fill_sentinels(self._base + lamport_offset, lamport_bytes)
-            self._error_host = rt.hostAlloc(8, _HOST_ALLOC_MAPPED)
-            ctypes.memset(self._error_host, 0, 8)
-            self._error = (ctypes.c_uint32 * 2).from_address(self._error_host)
+            self._error_host = rt.hostAlloc(4 * ERROR_RECORD_WORDS, _HOST_ALLOC_MAPPED)
+            ctypes.memset(self._error_host, 0, 4 * ERROR_RECORD_WORDS)
+            self._error = (ctypes.c_uint32 * ERROR_RECORD_WORDS).from_address(self._error_host)
             # Mapped pinned memory: with unified addressing the host address
             # is also the device address.
             error_dev = self._error_host
             rt.deviceSynchronize()
 
-            handle = bytes(rt.ipcGetMemHandle(self._base))
-            handles = coordinator.all_gather(handle)
-            bases = []
-            for peer, peer_handle in enumerate(handles):
-                bases.append(self._base if peer == self.rank else self._open(peer_handle))
+            # One exchange: every rank's IPC handle and what its GPU holds.
+            mine = json.dumps([bytes(rt.ipcGetMemHandle(self._base)).hex(), resident, sms]).encode()
+            replies = [json.loads(r) for r in coordinator.all_gather(mine)]
+            fits = min(r[1] for r in replies)
+            if ranks_per_gpu > 1:
+                fits = min(fits // ranks_per_gpu, min(r[2] for r in replies) // (2 * ranks_per_gpu))
+                if fits * 2 < LAMPORT_BLOCKS:
+                    raise CommunicatorError(
+                        f"{ranks_per_gpu} ranks share one GPU with {min(r[2] for r in replies)} "
+                        f"multiprocessors: too many for the custom all-reduce, whose kernels need "
+                        f"{LAMPORT_BLOCKS} blocks per rank at once. Put fewer ranks on each GPU.")
+            self.limits = Limits.of(limits.max_bytes, limits.lamport_max_bytes,
+                                    limits.one_shot_max_bytes, min(limits.max_blocks, fits))
+            bases = [self._base if peer == self.rank else self._open(bytes.fromhex(r[0]))
+                     for peer, r in enumerate(replies)]
             self._bases = bases
             staging = [b + SIGNAL_BYTES for b in bases]
-            scratch = [b + SIGNAL_BYTES + self.limits.max_bytes for b in bases]
+            scratch = [b + SIGNAL_BYTES + limits.max_bytes for b in bases]
             lamport = [b + lamport_offset for b in bases]
 
             pad = [0] * (MAX_RANKS - self.world_size)
@@ -135,9 +203,16 @@ class CustomAllReduceEngine:
                                   slot_bytes // PACK_BYTES, *(lamport + pad))
             self._context = rt.malloc(len(context))
             _copy_to_device(self._context, context)
+            # Zeroed: a slot whose inputs are not registered yet is refused by the kernel.
             self._rank_data = rt.malloc(GRAPH_SLOTS * RANK_DATA_BYTES)
+            rt.memset(self._rank_data, 0, GRAPH_SLOTS * RANK_DATA_BYTES)
             self._write_slot(0, staging)
             rt.deviceSynchronize()
+        self._watchdog = _Watchdog(self) if fail_stop else None
+
+    def _resident_blocks(self, sms: int) -> int:
+        """Blocks of the least-occupying kernel that the whole GPU holds at once."""
+        return min(max_resident_blocks(function, THREADS, sms) for function in self._kernels.values())
 
     # -- set-up helpers ----------------------------------------------------------
     def _open(self, handle: bytes) -> int:
@@ -184,29 +259,34 @@ class CustomAllReduceEngine:
             return Algorithm.ONE_SHOT
         return Algorithm.TWO_SHOT
 
-    def launch(self, dtype: str, inp: int, out: int, nbytes: int, stream_ptr: int,
-               registered: bool, algorithm: Optional[str] = None) -> str:
-        """Enqueue one all-reduce on ``stream_ptr``. Returns the algorithm used.
+    def launch(self, dtype: str, inp: int, out: int, nbytes: int, stream: int,
+               algorithm: Optional[str] = None) -> str:
+        """Enqueue one all-reduce of ``inp`` into ``out`` on ``stream``. Returns the algorithm used.
 
-        ``registered``: the call is being captured and peers will read ``inp``
-        itself once :meth:`register_graph_buffers` has run; otherwise the
-        kernel stages ``inp`` into this rank's buffer first.
+        An out-of-place call captured inside :meth:`capturing` is *registered*:
+        peers will read ``inp`` itself once :meth:`register_graph_buffers` has
+        run. Every other call stages ``inp`` into this rank's buffer first.
         """
         if self._error[0]:
-            raise self._timeout_error()
+            raise self.failure()
+        if stream != self._last_stream:
+            self._follow(stream)
         alg = algorithm or self.algorithm(nbytes)
         packs = nbytes // PACK_BYTES
+        call = self._call
+        self._call = (call + 1) % _CALL_IDS
         if alg == Algorithm.LAMPORT:
             # Pushes the input itself: needs neither staging nor registration.
             if nbytes > self.limits.lamport_max_bytes:
                 raise CommunicatorError(f"{nbytes} bytes exceed the Lamport slot "
                                         f"({self.limits.lamport_max_bytes} bytes)")
+            self._recent[call % _RECENT_CALLS] = (alg, dtype, nbytes)
             self._launcher(self._kernels[(alg, dtype)], LAMPORT_BLOCKS, self._context, 0, inp, out,
-                           packs, stream_ptr)
+                           packs, call, stream)
             return alg
         per_block = packs if alg == Algorithm.ONE_SHOT else -(-packs // self.world_size)
         blocks = max(1, min(self.limits.max_blocks, -(-per_block // THREADS)))
-        if registered:
+        if self._registering and inp != out and _is_capturing(stream):
             slot = self._next_slot
             if slot >= GRAPH_SLOTS:
                 raise CommunicatorError(
@@ -214,44 +294,77 @@ class CustomAllReduceEngine:
                     "create a new communicator for further graphs")
             self._next_slot += 1
             self._pending.append((slot, inp))
+            self._captured[call] = (alg, dtype, nbytes)
             data, source = self._rank_data + slot * RANK_DATA_BYTES, 0
         else:
+            self._recent[call % _RECENT_CALLS] = (alg, dtype, nbytes)
             data, source = self._rank_data, inp
         self._launcher(self._kernels[(alg, dtype)], blocks, self._context, data, source, out,
-                       packs, stream_ptr)
+                       packs, call, stream)
         return alg
+
+    def _follow(self, stream: int) -> None:
+        """Order the next launch on ``stream`` after every launch on the previous stream.
+
+        The kernels of one communicator share counters and one staging buffer,
+        so two of them must never overlap. On the same stream, stream order
+        sees to it; on a switch, the new stream waits for an event recorded
+        on the old one now (which covers its last kernel). Inside a graph
+        capture the capture's own ordering applies and nothing is recorded.
+        """
+        rt = self._cupy.cuda.runtime
+        if _is_capturing(stream):
+            self._last_stream = None
+            return
+        if self._last_stream is not None:
+            if self._switch_event is None:
+                with self._cupy.cuda.Device(self.device):
+                    self._switch_event = rt.eventCreateWithFlags(rt.eventDisableTiming)
+            rt.eventRecord(self._switch_event, self._last_stream)
+            rt.streamWaitEvent(stream, self._switch_event, 0)
+        self._last_stream = stream
 
     def register_graph_buffers(self) -> int:
         """Exchange the IPC addresses of every input captured since the last call.
 
         Collective (one all_gather for the whole capture). Returns how many
-        inputs were registered.
+        inputs were registered. If any rank fails, every rank raises and the
+        captured slots stay empty: a replay of those graphs is refused by the
+        kernel (reported like a timeout), never an illegal address.
         """
+        import msgpack
+
         rt = self._cupy.cuda.runtime
         pending, self._pending = self._pending, []
-        mine = []
-        with self._cupy.cuda.Device(self.device):
-            for slot, ptr in pending:
-                base, offset = _allocation_of(ptr)
-                mine.append((slot, bytes(rt.ipcGetMemHandle(base)), offset, ptr))
-        everyone = self._coordinator.all_gather(_pack_registrations(mine))
-        tables = [_unpack_registrations(blob) for blob in everyone]
-        if len({len(t) for t in tables}) != 1:
+        mine, problem = [], ""
+        try:
+            with self._cupy.cuda.Device(self.device):
+                for slot, ptr in pending:
+                    base, offset = allocation_of(ptr)
+                    mine.append([slot, bytes(rt.ipcGetMemHandle(base)), offset])
+        except Exception as exc:  # noqa: BLE001 — reported to every rank below
+            problem = f"rank {self.rank}: {exc}"
+        everyone = [msgpack.unpackb(blob) for blob in self._coordinator.all_gather(
+            msgpack.packb([problem, mine]))]
+        problems = [p for p, _ in everyone if p]
+        tables = [t for _, t in everyone]
+        if not problems and len({len(t) for t in tables}) != 1:
             counts = ", ".join(f"rank {r}: {len(t)}" for r, t in enumerate(tables))
+            problems.append(f"ranks captured different numbers of custom all-reduces ({counts}); every "
+                            "rank must capture the same sequence of all-reduces")
+        if not problems and any([e[0] for e in t] != [e[0] for e in mine] for t in tables):
+            problems.append("ranks disagree on the order of captured all-reduces")
+        if problems:
             raise CommunicatorError(
-                f"ranks captured different numbers of custom all-reduces ({counts}); every rank "
-                "must capture the same sequence of all-reduces")
+                "registering the all-reduces captured in capture() failed, so the graphs captured "
+                "there are unusable (a replay stops the communicator): " + "; ".join(problems))
         with self._cupy.cuda.Device(self.device):
-            for i, (slot, _, _, ptr) in enumerate(mine):
-                pointers = []
-                for peer, table in enumerate(tables):
-                    peer_slot, handle, offset, _ = table[i]
-                    if peer_slot != slot:
-                        raise CommunicatorError("ranks disagree on the order of captured all-reduces")
-                    pointers.append(ptr if peer == self.rank else self._open(handle) + offset)
+            for i, (slot, ptr) in enumerate(pending):
+                pointers = [ptr if peer == self.rank else self._open(bytes(table[i][1])) + table[i][2]
+                            for peer, table in enumerate(tables)]
                 self._write_slot(slot, pointers)
             rt.deviceSynchronize()
-        return len(mine)
+        return len(pending)
 
     @contextmanager
     def capturing(self) -> Iterator[None]:
@@ -261,26 +374,85 @@ class CustomAllReduceEngine:
         finally:
             self._registering -= 1
 
-    @property
-    def registering(self) -> bool:
-        return self._registering > 0
-
+    # -- failures -------------------------------------------------------------------
     def check(self) -> None:
-        """Raise if a kernel of this communicator gave up waiting for a peer."""
+        """Raise if a kernel of this communicator gave up (on this rank or, poisoned, on a peer)."""
         if self._error[0]:
-            raise self._timeout_error()
+            raise self.failure()
 
-    def _timeout_error(self) -> CommunicatorError:
-        peer, block = self._error[0] - 1, self._error[1]
-        return CommunicatorError(
-            f"custom all-reduce on rank {self.rank} gave up waiting for rank {peer} (block {block}): "
-            f"rank {peer} never arrived. It is hung, dead, or called a different sequence of "
-            "all-reduces. The communicator is unusable; the launch should stop.")
+    def failure(self) -> CommunicatorError:
+        """The error that the error record describes (call only once it is set)."""
+        return CommunicatorError(self.describe_failure())
+
+    def describe_failure(self) -> str:
+        who, block, call, kind = self._error[0] - 1, self._error[1], self._error[2], self._error[3]
+        what = self._call_text(call)
+        if kind == _TIMEOUT:
+            cause = (f"gave up after {self.timeout_s:g}s waiting for rank {who} (block {block}) in "
+                     f"{what}: rank {who} is hung, dead, or called a different sequence of all-reduces")
+        elif kind == _POISONED:
+            stopper, waited = (who & 0xFFFF) - 1, (who >> 16) - 1
+            reason = ("refused a graph replay before its captured all-reduces were registered"
+                      if waited == stopper else f"had given up waiting for rank {waited}")
+            cause = f"was stopped before {what}: rank {stopper} {reason}"
+        elif kind == _UNREGISTERED:
+            cause = (f"refused {what}: a CUDA graph was replayed before its captured all-reduces "
+                     "were registered (replay only after the `with comm.capture():` block has "
+                     "ended), or their registration failed")
+        else:
+            cause = f"failed (error kind {kind}, rank {who}, block {block}) in {what}"
+        return (f"custom all-reduce on rank {self.rank} {cause}. The communicator is stopped on "
+                "every rank: later all-reduces raise, and graph replays write NaN.")
+
+    def _call_text(self, call: int) -> str:
+        if call in self._captured:
+            alg, dtype, nbytes = self._captured[call]
+            return f"a graph replay of captured all-reduce #{call} ({alg}, {dtype}, {nbytes} bytes)"
+        recent = self._recent[call % _RECENT_CALLS]
+        if recent is not None:
+            alg, dtype, nbytes = recent
+            return f"all-reduce #{call} ({alg}, {dtype}, {nbytes} bytes)"
+        return f"all-reduce #{call}"
+
+    # -- tests ----------------------------------------------------------------------------
+    def set_counters_for_test(self, epoch: int, lamport_calls: int) -> None:
+        """Set this rank's barrier counters and Lamport call counters (collective, quiescent).
+
+        Every rank must call it with the same values, with no all-reduce in
+        flight; it puts the counters near their wrap-around in tests.
+        """
+        rt = self._cupy.cuda.runtime
+        with self._cupy.cuda.Device(self.device):
+            rt.deviceSynchronize()
+        self._coordinator.barrier()
+        arrive = struct.pack(f"<{MAX_BLOCKS * MAX_RANKS}I", *([epoch % _CALL_IDS] * (MAX_BLOCKS * MAX_RANKS)))
+        epochs = struct.pack(f"<{MAX_BLOCKS}I", *([epoch % _CALL_IDS] * MAX_BLOCKS))
+        calls = struct.pack(f"<{LAMPORT_BLOCKS}I", *([lamport_calls % _CALL_IDS] * LAMPORT_BLOCKS))
+        with self._cupy.cuda.Device(self.device):
+            _copy_to_device(self._base + _ARRIVE_OFFSET, arrive)
+            _copy_to_device(self._base + _EPOCH_OFFSET, epochs)
+            _copy_to_device(self._base + _LAMPORT_CALLS_OFFSET, calls)
+            rt.deviceSynchronize()
+        self._coordinator.barrier()
+
+    def read_counters_for_test(self) -> tuple[list[int], list[int]]:
+        """(epoch per block, Lamport calls per block) of this rank."""
+        rt = self._cupy.cuda.runtime
+        words = (ctypes.c_uint32 * (MAX_BLOCKS + 2 * LAMPORT_BLOCKS))()
+        with self._cupy.cuda.Device(self.device):
+            rt.deviceSynchronize()
+            rt.memcpy(ctypes.addressof(words), self._base + _EPOCH_OFFSET, 4 * MAX_BLOCKS,
+                      rt.memcpyDeviceToHost)
+            rt.memcpy(ctypes.addressof(words) + 4 * MAX_BLOCKS, self._base + _LAMPORT_CALLS_OFFSET,
+                      8 * LAMPORT_BLOCKS, rt.memcpyDeviceToHost)
+        return list(words[:MAX_BLOCKS]), list(words[MAX_BLOCKS:MAX_BLOCKS + LAMPORT_BLOCKS])
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.stop()
         rt = self._cupy.cuda.runtime
         try:
             with self._cupy.cuda.Device(self.device):
@@ -289,25 +461,67 @@ class CustomAllReduceEngine:
                     rt.ipcCloseMemHandle(ptr)
                 for ptr in (self._rank_data, self._context):
                     rt.free(ptr)
+                if self._switch_event is not None:
+                    rt.eventDestroy(self._switch_event)
                 # Peers may still have our exported buffer open (closing is not
                 # collective), and freeing exported memory before every importer
                 # closed its handle is undefined behaviour (cudaIpcOpenMemHandle's
                 # contract). So it lives until the process ends, when the driver
                 # reclaims it with the context: one buffer per closed communicator.
-                _exported_until_exit.append(self._base)
-                rt.freeHost(self._error_host)
+                # The error record stays too: a graph replayed later still writes it.
+                _kept_until_exit.extend((self._base, self._error_host))
         except Exception as exc:  # closing must not raise from a broken context
             logger.warning("custom all-reduce: error while freeing buffers: %s", exc)
         self._opened.clear()
 
 
-_exported_until_exit: list[int] = []  # buffers of closed engines that peers may still map
-
-# Offset of Signal::p2p_check: arrive[MAX_BLOCKS][MAX_RANKS] u32 + epoch[MAX_BLOCKS] u32.
-_P2P_CHECK_OFFSET = 4 * MAX_BLOCKS * MAX_RANKS + 4 * MAX_BLOCKS
+_kept_until_exit: list[int] = []  # buffers of closed engines that peers or graphs may still use
 
 
-def _compile(world_size: int):
+class _Watchdog:
+    """Reads the host-mapped error record every ``WATCHDOG_INTERVAL`` seconds.
+
+    Graph replays never return to Python, so nothing else would notice a
+    kernel that gave up. On ``on_error="abort"`` it ends the process through
+    :func:`distrib._fatal.stop_process` (the launcher's hang report shows
+    every rank's stack, and the launcher names this rank's message as the
+    cause); on ``"raise"`` it logs the failure once and later calls raise.
+    """
+
+    def __init__(self, engine: CustomAllReduceEngine):
+        self._engine = engine
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"distrib-custom-watchdog-{engine.rank}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        error = self._engine._error
+        while not self._stop.wait(WATCHDOG_INTERVAL):
+            if error[0]:
+                self._fire()
+                return
+
+    def _fire(self) -> None:
+        engine = self._engine
+        message = engine.describe_failure()
+        if engine.on_error == "raise":
+            logger.error("%s", message)
+            return
+        from .. import _fatal
+
+        _fatal.stop_process("distrib.errors.CommunicatorError",
+                            f"{message} Stopping this process (create the communicator with "
+                            "on_error='raise' to handle this yourself).",
+                            report="custom all-reduce")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+
+
+def _compile(world_size: int, fail_stop: bool = True):
     """NVRTC-compile the kernels for this world size (CuPy caches the result on disk)."""
     import cupy
 
@@ -315,7 +529,7 @@ def _compile(world_size: int):
     code = (source_dir / "custom_all_reduce.cu").read_text()
     names = [f"distrib::{alg}<{k}, {world_size}>" for alg in ALGORITHMS
              for k in KERNEL_TYPES.values()] + ["distrib::p2p_write_test"]
-    options = ("--std=c++17", f"-I{source_dir}")
+    options = ("--std=c++17", f"-I{source_dir}") + (() if fail_stop else ("-DDISTRIB_FAIL_STOP=0",))
     try:
         module = cupy.RawModule(code=code, options=options, name_expressions=names)
         module.compile()
@@ -324,50 +538,10 @@ def _compile(world_size: int):
     return module
 
 
-class _Launcher:
-    """cuLaunchKernel through ctypes, with the argument block built once.
+def _is_capturing(stream: int) -> bool:
+    import cupy
 
-    CuPy's generic launch path converts every argument on every call (about
-    14 µs per launch measured on H200 hosts); an eager all-reduce that should
-    cost little more than the kernel cannot afford that. The five kernel
-    arguments live in fixed ctypes cells; a launch updates them and makes one
-    foreign call. Kernels are enqueued on the caller's stream.
-    """
-
-    def __init__(self):
-        self._cuda = _driver()
-        self._ctx, self._data, self._inp, self._out = (ctypes.c_uint64() for _ in range(4))
-        self._packs = ctypes.c_int32()
-        cells = (self._ctx, self._data, self._inp, self._out, self._packs)
-        self._params = (ctypes.c_void_p * 5)(*[ctypes.addressof(c) for c in cells])
-
-    def __call__(self, function: int, blocks: int, ctx: int, data: int, inp: int, out: int,
-                 packs: int, stream: int) -> None:
-        self._ctx.value, self._data.value, self._inp.value, self._out.value = ctx, data, inp, out
-        self._packs.value = packs
-        status = self._cuda.cuLaunchKernel(function, blocks, 1, 1, THREADS, 1, 1, 0, stream,
-                                           self._params, None)
-        if status:
-            raise CommunicatorError(f"launching the custom all-reduce kernel failed: {_cu_error(status)}")
-
-
-def _driver():
-    global _libcuda
-    if _libcuda is None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64),
-                                                ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
-        lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-        _libcuda = lib
-    return _libcuda
-
-
-def _cu_error(status: int) -> str:
-    text = ctypes.c_char_p()
-    _driver().cuGetErrorString(status, ctypes.byref(text))
-    return f"CUresult {status} ({(text.value or b'?').decode()})"
+    return cupy.cuda.runtime.streamIsCapturing(stream) != 0
 
 
 def _fill_sentinels(ptr: int, nbytes: int) -> None:
@@ -394,28 +568,30 @@ def _copy_to_device(dst: int, data: bytes) -> None:
     rt.memcpy(dst, ctypes.addressof(buf), len(data), rt.memcpyHostToDevice)
 
 
-_libcuda = None
+def agree_limits(coordinator, limits: Limits, algorithm: Optional[str]) -> None:
+    """Raise :class:`CommunicatorError` on every rank unless every rank has the same limits.
 
+    Peers' buffer offsets are computed from the limits, and the block count
+    and algorithm decide which barriers meet: ranks that differ would read
+    and write past each other's allocations or pair barriers wrongly.
+    """
+    from .._text import format_ranks
 
-def _allocation_of(ptr: int) -> tuple[int, int]:
-    """(base of the cudaMalloc allocation holding ``ptr``, offset of ``ptr`` in it)."""
-    base, size = ctypes.c_uint64(), ctypes.c_size_t()
-    status = _driver().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
-    if status != 0:
-        raise CommunicatorError(f"cuMemGetAddressRange failed for a captured input: {_cu_error(status)}")
-    return base.value, ptr - base.value
-
-
-def _pack_registrations(entries) -> bytes:
-    import msgpack
-
-    return msgpack.packb([[slot, handle, offset] for slot, handle, offset, _ in entries])
-
-
-def _unpack_registrations(blob: bytes):
-    import msgpack
-
-    return [(slot, bytes(handle), offset, None) for slot, handle, offset in msgpack.unpackb(blob)]
+    mine = dict(asdict(limits), algorithm=algorithm, kernels=kernel_digest())
+    everyone = [json.loads(r) for r in coordinator.all_gather(json.dumps(mine, sort_keys=True).encode())]
+    differ = []
+    for key in mine:
+        groups: dict = {}
+        for rank, theirs in enumerate(everyone):
+            groups.setdefault(json.dumps(theirs.get(key)), []).append(rank)
+        if len(groups) > 1:
+            differ.append(f"{key}: " + ", ".join(
+                f"rank{'s' if len(r) > 1 else ''} {format_ranks(r)} = {v}" for v, r in groups.items()))
+    if differ:
+        raise CommunicatorError(
+            "ranks disagree on the custom all-reduce's settings (" + "; ".join(differ) + "); set "
+            "DISTRIB_CUSTOM_MAX_BYTES, the communicator's options and the distrib version alike on "
+            "every rank")
 
 
 def p2p_cache_path(bus_ids: list[str]) -> Path:

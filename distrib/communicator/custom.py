@@ -16,6 +16,16 @@ read the captured tensors directly (out-of-place calls) and their IPC
 addresses are exchanged once when the ``capture()`` block ends. Whether a call
 is being captured is read from the stream itself, so warm-up calls made
 inside ``capture()`` before the graph starts still take the eager path.
+
+Fail-stop: a kernel that gives up waiting for a peer writes NaN into its
+output and stops the communicator on every rank; a watchdog thread then ends
+the process with a report (``on_error="abort"``, the default) or every later
+call raises (``on_error="raise"``). No call ever returns a wrong sum that
+looks right.
+
+Ranks may share a GPU (the launchers' ``share_gpu`` mode): CUDA IPC works
+between processes on one device, and the kernels' block counts are capped so
+that the blocks of every rank on a GPU fit on it at once.
 """
 from __future__ import annotations
 
@@ -27,7 +37,7 @@ from typing import Iterator, Optional
 
 from ..errors import CommunicatorError
 from . import _custom_tables
-from ._custom_all_reduce import SUPPORTED_WORLD_SIZES, p2p_cache_path
+from ._custom_all_reduce import ON_ERROR, SUPPORTED_WORLD_SIZES, Limits, agree_limits, p2p_cache_path
 from ._tensors import _torch_stream, stream_of
 from .api import Collective, Communicator, DeviceType, DType, ReduceOp, TensorView, communicators
 
@@ -49,7 +59,11 @@ class CustomAllReduceCommunicator(Communicator):
     that peer; default 30, ``DISTRIB_CUSTOM_TIMEOUT``), ``algorithm`` (force
     one of ``lamport_one_shot``, ``one_shot``, ``two_shot``; for tests and
     measurements), ``max_blocks`` (the most thread blocks a one- or two-shot
-    kernel uses; default from the tables).
+    kernel uses; default from the tables), ``on_error`` (what happens when a
+    kernel gave up waiting for a peer: ``"abort"``, the default, ends the
+    process with a report naming the rank, the peer and the call; ``"raise"``
+    makes every later call raise :class:`CommunicatorError`; default
+    ``DISTRIB_CUSTOM_ON_ERROR``). Every rank must pass the same limits.
     """
 
     name = "custom"
@@ -60,9 +74,11 @@ class CustomAllReduceCommunicator(Communicator):
 
     def __init__(self, coordinator, device=None, *, debug: Optional[bool] = None,
                  max_bytes: Optional[int] = None, timeout: Optional[float] = None,
-                 algorithm: Optional[str] = None, max_blocks: Optional[int] = None):
+                 algorithm: Optional[str] = None, max_blocks: Optional[int] = None,
+                 on_error: Optional[str] = None, fail_stop: bool = True):
         self._engine = None
-        self._options = (max_bytes, timeout, algorithm, max_blocks)
+        self._options = (max_bytes, timeout, algorithm, max_blocks, on_error)
+        self._fail_stop = fail_stop  # False only to measure what fail-stop costs
         super().__init__(coordinator, device, debug=debug)
 
     # -- availability (cheap, local) ---------------------------------------------------
@@ -107,21 +123,27 @@ class CustomAllReduceCommunicator(Communicator):
         if any(problems):
             raise CommunicatorError("; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p))
 
-        max_bytes, timeout, algorithm, max_blocks = self._options
+        max_bytes, timeout, algorithm, max_blocks, on_error = self._options
         table = _custom_tables.lookup(self.world_size, _device_name(self.device))
         if max_bytes is None:
             max_bytes = int(os.environ.get("DISTRIB_CUSTOM_MAX_BYTES", table.max_bytes))
         if timeout is None:
             timeout = float(os.environ.get("DISTRIB_CUSTOM_TIMEOUT", 30.0))
+        if on_error is None:
+            on_error = os.environ.get("DISTRIB_CUSTOM_ON_ERROR", "abort")
         if algorithm is not None and algorithm not in _custom_tables.ALGORITHMS:
             raise CommunicatorError(f"algorithm={algorithm!r}; expected one of {_custom_tables.ALGORITHMS}")
+        if on_error not in ON_ERROR:
+            raise CommunicatorError(f"on_error={on_error!r}; expected one of {ON_ERROR}")
+        limits = Limits.of(max_bytes, table.lamport_max_bytes if algorithm is None else max_bytes,
+                           table.one_shot_max_bytes, max_blocks or table.max_blocks)
+        agree_limits(self.coordinator, limits, algorithm)
         self.table = table
         self.algorithm = algorithm
-        self._engine = CustomAllReduceEngine(
-            self.coordinator, self.device, max_bytes=max_bytes,
-            lamport_max_bytes=min(max_bytes, table.lamport_max_bytes if algorithm is None else max_bytes),
-            one_shot_max_bytes=table.one_shot_max_bytes, timeout_s=timeout,
-            max_blocks=max_blocks or table.max_blocks)
+        self.ranks_per_gpu = max(bus_ids.count(b) for b in bus_ids)
+        self._engine = CustomAllReduceEngine(self.coordinator, self.device, limits, timeout,
+                                             ranks_per_gpu=self.ranks_per_gpu, on_error=on_error,
+                                             fail_stop=self._fail_stop)
         self.max_bytes = self._engine.limits.max_bytes
         self._check_p2p(bus_ids)
 
@@ -159,25 +181,17 @@ class CustomAllReduceCommunicator(Communicator):
         return None
 
     def _all_reduce(self, src: TensorView, dst: TensorView, op: ReduceOp) -> None:
-        engine = self._engine
-        stream = stream_of(src)
-        registered = engine.registering and dst.ptr != src.ptr and _is_capturing(stream)
-        engine.launch(_KERNEL_DTYPES[src.dtype], src.ptr, dst.ptr, src.nbytes, stream, registered,
-                      self.algorithm)
+        self._engine.launch(_KERNEL_DTYPES[src.dtype], src.ptr, dst.ptr, src.nbytes, stream_of(src),
+                            self.algorithm)
 
     def _torch_all_reduce(self, view: TensorView, op: ReduceOp):
-        engine, algorithm, index = self._engine, self.algorithm, view.device_index
+        launch, algorithm, index = self._engine.launch, self.algorithm, view.device_index
         kernel_dtype, nbytes = _KERNEL_DTYPES[view.dtype], view.nbytes
 
         def run(tensor, out) -> None:
-            stream = _torch_stream(index)
-            if out is None:
-                ptr = tensor.data_ptr()
-                engine.launch(kernel_dtype, ptr, ptr, nbytes, stream, False, algorithm)
-            else:
-                registered = engine.registering and _is_capturing(stream)
-                engine.launch(kernel_dtype, tensor.data_ptr(), out.data_ptr(), nbytes, stream,
-                              registered, algorithm)
+            ptr = tensor.data_ptr()
+            launch(kernel_dtype, ptr, ptr if out is None else out.data_ptr(), nbytes, _torch_stream(index),
+                   algorithm)
         return run
 
     @contextmanager
@@ -185,7 +199,10 @@ class CustomAllReduceCommunicator(Communicator):
         """Capture CUDA graphs inside this block; their inputs are registered when it ends.
 
         Collective at exit (one exchange of IPC handles for everything captured):
-        every rank must capture the same all-reduces in the same order.
+        every rank must capture the same all-reduces in the same order. Replay
+        the graphs only after the block has ended; if registration fails, this
+        raises on every rank and those graphs stay unusable (a replay stops
+        the communicator instead of reading unregistered memory).
         """
         with self._engine.capturing():
             yield
@@ -194,7 +211,7 @@ class CustomAllReduceCommunicator(Communicator):
             logger.debug("custom all-reduce: registered %d captured inputs", count)
 
     def check(self) -> None:
-        """Raise :class:`CommunicatorError` if a kernel gave up waiting for a peer."""
+        """Raise :class:`CommunicatorError` if a kernel of this communicator gave up, on any rank."""
         self._engine.check()
 
     def _close(self) -> None:
@@ -204,22 +221,17 @@ class CustomAllReduceCommunicator(Communicator):
 
 
 def _peer_access_problem(rank: int, device: int, bus_ids: list[str]) -> Optional[str]:
+    """Why this rank cannot reach every peer's GPU, or None. Ranks on the same GPU reach each other."""
     import cupy
 
     rt = cupy.cuda.runtime
-    if len(set(bus_ids)) != len(bus_ids):
-        return f"two ranks share one GPU ({bus_ids}); give each rank its own device"
     for peer, bus_id in enumerate(bus_ids):
-        if peer != rank and not rt.deviceCanAccessPeer(device, rt.deviceGetByPCIBusId(bus_id)):
+        if peer == rank or bus_id == bus_ids[rank]:
+            continue
+        if not rt.deviceCanAccessPeer(device, rt.deviceGetByPCIBusId(bus_id)):
             return (f"the driver reports no peer access from {bus_ids[rank]} to rank {peer}'s "
                     f"{bus_id} (PCIe without P2P?)")
     return None
-
-
-def _is_capturing(stream: int) -> bool:
-    import cupy
-
-    return cupy.cuda.runtime.streamIsCapturing(stream) != 0
 
 
 def _device_name(device: int) -> str:

@@ -48,6 +48,12 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     agent.start()  # heartbeats and stack dumps for the launcher, if it asked
     error_file = error_file_for(os.environ)
+    if error_file:
+        from .. import _fatal
+
+        # A watchdog that ends the process (the custom all-reduce's) leaves the same record.
+        _fatal.add_hook(lambda exc_type, message: write_error_file(
+            error_file, exitcode=_fatal.EXIT_CODE, exc_type=exc_type, message=message))
     try:
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]  # runpy puts the module's path in argv[0]

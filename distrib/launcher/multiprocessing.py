@@ -264,6 +264,11 @@ def _worker_main(target, args, kwargs, env, device, parent_pid, conn) -> None:
     from ..control import agent
 
     agent.start()  # heartbeats and stack snapshots for the launcher
+    from .. import _fatal
+
+    # A watchdog that ends the process (the custom all-reduce's) reports like an exception.
+    _fatal.add_hook(lambda exc_type, message: conn.send(
+        ("error", exc_type, message, "", socket.gethostname())))
     code = 0
     try:
         if device is not None:
