@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", default=None, metavar="0,2|cpu",
                         help="GPUs to use, one per process (default: GPU i for local rank i when "
                              "GPUs are visible); cpu: none")
+    parser.add_argument("--share-gpu", action="store_true",
+                        help="let ranks share GPUs: --devices may repeat one (0,0,0,0), and without "
+                             "--devices the ranks are spread over the visible GPUs. For developing "
+                             "multi-GPU code on one GPU; ranks on a shared GPU run under MPS")
     parser.add_argument("--log-dir", default=None,
                         help="also write each rank's output to DIR/rank<N>.log (and the failure "
                              "record of a failed rank to DIR/rank<N>.error.json)")
@@ -122,7 +126,7 @@ def options_from(args: argparse.Namespace) -> tuple[Command, Optional[int], Comm
         nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
         master_port=args.master_port, launch_id=args.launch_id,
         devices=None if args.devices is None else parse_devices(args.devices),
-        log_dir=args.log_dir,
+        share_gpu=args.share_gpu, log_dir=args.log_dir,
         show_ranks=None if args.show_ranks is None else parse_ranks(args.show_ranks),
         grace=args.grace, rdzv_timeout=args.rdzv_timeout, timeout=args.timeout,
         heartbeat_timeout=args.heartbeat_timeout)

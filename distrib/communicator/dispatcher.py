@@ -56,7 +56,8 @@ class Dispatcher(Communicator):
         if not self.chain:
             reasons = "; ".join(f"{n}: {r}" for n, r in self.disabled.items()) or "none registered"
             raise CommunicatorError(f"no communicator could start on any rank ({reasons})")
-        main = [c for c in self.chain if c.device_type is self.device_type] or list(self.chain)
+        main = [c for c in self.chain if c.device_type is self.device_type
+                or (self.device_type is DeviceType.CUDA and getattr(c, "stages_cuda", False))] or list(self.chain)
         self.dtypes = frozenset().union(*(c.dtypes for c in main))
         self.ops = frozenset().union(*(c.ops for c in main))
 

@@ -1,5 +1,11 @@
 """gloo on CPU tensors: the communicator that makes the whole stack run anywhere.
 
+Given a CUDA device, it also takes torch tensors on that device that no GPU
+communicator of the chain takes (ranks sharing one GPU, where NCCL refuses
+to run; an op the custom kernel lacks): it copies them to host memory,
+reduces there and copies back, on the caller's current stream. That is slow
+and synchronises with the host, so it is refused inside a CUDA-graph capture.
+
 It owns its own gloo process group, built on a prefixed view of the launch's
 rendezvous store, so it never initialises or changes the user's default
 ``torch.distributed`` group. The token the master makes is the store prefix:
@@ -41,6 +47,8 @@ class GlooCommunicator(Communicator):
         self._pg = None
         self._broken: Optional[str] = None
         self._native_reduce_scatter = True
+        self._staging_device = _cuda_index(device)
+        self.stages_cuda = self._staging_device is not None  # takes CUDA tensors through host memory
         super().__init__(coordinator, device, debug=debug)
 
     @classmethod
@@ -64,6 +72,20 @@ class GlooCommunicator(Communicator):
         self._pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), self.rank, self.world_size,
                                          datetime.timedelta(seconds=self.timeout))
 
+    def _reject(self, collective: Collective, view: TensorView, op: ReduceOp, root: int) -> Optional[str]:
+        if view.device_type != "cuda" or self._staging_device is None:
+            return super()._reject(collective, view, op, root)
+        if view.library != "torch":
+            return "gloo copies only torch tensors between a GPU and host memory"
+        if view.device_index != self._staging_device:
+            return (f"expects tensors on cuda:{self._staging_device}, got one on cuda:{view.device_index}; "
+                    "each rank's tensors must be on its own device")
+        import torch
+
+        if torch.cuda.is_current_stream_capturing():
+            return "gloo copies through host memory, which a CUDA graph cannot capture"
+        return super()._reject(collective, view._replace(device_type="cpu", device_index=None), op, root)
+
     def _check_limits(self, collective: Collective, view: TensorView, op: ReduceOp) -> Optional[str]:
         if self._broken:
             return (f"gloo is unusable after an earlier failure ({self._broken}); ranks may be out "
@@ -72,6 +94,8 @@ class GlooCommunicator(Communicator):
 
     # -- operations -----------------------------------------------------------
     def _all_reduce(self, src: TensorView, dst: TensorView, op: ReduceOp) -> None:
+        if src.device_type == "cuda":
+            return _through_host(self._all_reduce, src, dst, op)
         tensor = dst.tensor
         if dst.ptr != src.ptr:
             tensor.copy_(src.tensor)
@@ -81,12 +105,16 @@ class GlooCommunicator(Communicator):
             tensor.div_(self.world_size)
 
     def _all_gather(self, src: TensorView, dst: TensorView) -> None:
+        if src.device_type == "cuda":
+            return _through_host(self._all_gather, src, dst)
         # The list form works on every PyTorch version; the outputs are views of dst.
         outputs = list(dst.tensor.view(-1).view(self.world_size, src.numel).unbind(0))
         options = _options("AllgatherOptions", self.timeout)
         self._wait("all_gather", lambda: self._pg.allgather([outputs], [src.tensor.view(-1)], options))
 
     def _reduce_scatter(self, src: TensorView, dst: TensorView, op: ReduceOp) -> None:
+        if src.device_type == "cuda":
+            return _through_host(self._reduce_scatter, src, dst, op)
         out, flat = dst.tensor.view(-1), src.tensor.view(-1)
         options = _options("ReduceScatterOptions", self.timeout, reduceOp=_gloo_op(op))
         if self._native_reduce_scatter:
@@ -107,6 +135,8 @@ class GlooCommunicator(Communicator):
             out.div_(self.world_size)
 
     def _broadcast(self, view: TensorView, src: int) -> None:
+        if view.device_type == "cuda":
+            return _through_host(lambda host, _, root: self._broadcast(host, root), view, view, src)
         options = _options("BroadcastOptions", self.timeout, rootRank=src)
         self._wait("broadcast", lambda: self._pg.broadcast([view.tensor], options))
 
@@ -130,6 +160,24 @@ class GlooCommunicator(Communicator):
         raise CommunicatorError(
             f"gloo {what} failed on rank {self.rank}: {text}. A peer process probably exited or "
             "passed a different tensor; check its output.") from exc
+
+
+def _cuda_index(device) -> Optional[int]:
+    """The CUDA device index a dispatcher passed (an int), or None for a CPU-only communicator."""
+    return device if isinstance(device, int) and not isinstance(device, bool) and device >= 0 else None
+
+
+def _through_host(call, src: TensorView, dst: TensorView, *rest) -> None:
+    """``call`` on host copies of the CUDA tensors ``src`` and ``dst``; the result is copied back.
+
+    ``.cpu()`` waits for the caller's stream; the copy back is enqueued on it.
+    """
+    from ._tensors import as_view
+
+    host_src = as_view(src.tensor.cpu())
+    host_dst = host_src if dst.ptr == src.ptr else as_view(dst.tensor.new_empty(dst.tensor.shape, device="cpu"))
+    call(host_src, host_dst, *rest)
+    dst.tensor.copy_(host_dst.tensor)
 
 
 def _rendezvous_store(coordinator, timeout: float):

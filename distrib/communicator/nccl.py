@@ -10,6 +10,7 @@ this communicator is used; ``cupy-cuda12x`` and ``cupy-cuda13x`` both work.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from ..errors import CommunicatorError
@@ -28,6 +29,9 @@ ncclDataType_t = {DType.INT8: 0, DType.UINT8: 1, DType.INT32: 2, DType.INT64: 4,
 ncclRedOp_t = {ReduceOp.SUM: 0, ReduceOp.PROD: 1, ReduceOp.MAX: 2, ReduceOp.MIN: 3, ReduceOp.AVG: 4}
 
 NCCL_UNIQUE_ID_BYTES = 128
+SHARE_GPU_VAR = "DISTRIB_SHARE_GPU"  # set by the launchers when ranks share a GPU
+ONE_RANK_PER_GPU = ("NCCL refuses two ranks on one GPU (since 2.5: 'Duplicate GPU detected', "
+                    "ncclInvalidUsage)")
 _FIRST_WITH_BF16_AND_AVG = 21000  # NCCL 2.10.0 (ncclGetVersion: major*10000 + minor*100 + patch)
 
 
@@ -75,6 +79,8 @@ class NcclCommunicator(Communicator):
             return "no CUDA device was given (pass device=, or launch with devices)"
         if not 0 <= device < count:
             return f"device {device} does not exist; this process sees {count} CUDA devices"
+        if os.environ.get(SHARE_GPU_VAR, "") not in ("", "0"):
+            return f"{ONE_RANK_PER_GPU}, and ranks of this launch share GPUs ({SHARE_GPU_VAR})"
         return None
 
     def _make_token(self) -> bytes:
@@ -94,6 +100,12 @@ class NcclCommunicator(Communicator):
         if len(token) != NCCL_UNIQUE_ID_BYTES:
             raise CommunicatorError(f"the NCCL unique id has {len(token)} bytes, expected {NCCL_UNIQUE_ID_BYTES}")
         self._nccl_error = nccl.NcclError
+        # Ranks that share a GPU without the launcher saying so: refuse before NCCL does.
+        bus_ids = self.coordinator.all_gather(cupy.cuda.runtime.deviceGetPCIBusId(self.device).encode())
+        shared = sorted({b.decode() for b in bus_ids if bus_ids.count(b) > 1})
+        if shared:
+            raise CommunicatorError(f"{ONE_RANK_PER_GPU}; GPU {', '.join(shared)} has several ranks "
+                                    "of this launch")
         self.nccl_version = nccl.get_version()
         if self.nccl_version < _FIRST_WITH_BF16_AND_AVG:
             self.dtypes = self.dtypes - {DType.BFLOAT16}

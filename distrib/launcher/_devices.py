@@ -7,7 +7,10 @@ from typing import Optional, Sequence
 
 from ..errors import ConfigError
 
-__all__ = ["visible_gpu_count", "usable_cpu_count", "auto_nprocs", "parse_devices", "assign_devices"]
+__all__ = ["visible_gpu_count", "usable_cpu_count", "auto_nprocs", "parse_devices", "assign_devices",
+           "shares_gpus", "SHARE_GPU_VAR"]
+
+SHARE_GPU_VAR = "DISTRIB_SHARE_GPU"  # "1" in every worker of a launch whose ranks share GPUs
 
 
 def visible_gpu_count() -> int:
@@ -57,7 +60,7 @@ def auto_nprocs(devices: Optional[Sequence[int]]) -> int:
 
 
 def parse_devices(text: str) -> tuple[int, ...]:
-    """``"0,2"`` -> ``(0, 2)``; ``"cpu"`` or ``""`` -> ``()`` (no GPUs)."""
+    """``"0,2"`` -> ``(0, 2)``; ``"cpu"`` or ``""`` -> ``()`` (no GPUs). Repeats are kept."""
     text = text.strip()
     if text in ("", "cpu", "none"):
         return ()
@@ -67,21 +70,29 @@ def parse_devices(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--devices {text!r} is invalid; expected GPU indices like 0,2 or 'cpu'") from None
     if any(d < 0 for d in chosen):
         raise ConfigError(f"--devices {text!r} is invalid; GPU indices are >= 0")
-    if len(set(chosen)) != len(chosen):
-        raise ConfigError(f"--devices {text!r} repeats a GPU; expected one distinct GPU per process")
     return chosen
 
 
-def assign_devices(devices: Optional[Sequence[int]], nprocs: int, *, option: str = "--devices",
-                   count: str = "{n} processes per node", no_gpus: str = "--devices cpu") -> list[Optional[int]]:
+def shares_gpus(device_of: Sequence[Optional[int]]) -> bool:
+    """Whether two ranks of ``device_of`` have the same GPU."""
+    gpus = [d for d in device_of if d is not None]
+    return len(set(gpus)) != len(gpus)
+
+
+def assign_devices(devices: Optional[Sequence[int]], nprocs: int, *, share_gpu: bool = False,
+                   world_size: Optional[int] = None, option: str = "--devices",
+                   count: str = "{n} processes per node", no_gpus: str = "--devices cpu",
+                   share: str = "--share-gpu") -> list[Optional[int]]:
     """The GPU index for each local rank (``None``: no GPU).
 
     ``None`` gives local rank ``r`` GPU ``r`` when GPUs are visible (and
     none at all when they are not); an explicit list must name one distinct
-    GPU per process; an empty list means no GPUs. Errors name things as the
-    caller spells them: ``option`` (the devices argument), ``count`` (the
-    process count, with ``{n}``) and ``no_gpus`` (how to run without GPUs);
-    the defaults are distrib-run's.
+    GPU per process; an empty list means no GPUs. With ``share_gpu``, ranks
+    may share GPUs: an explicit list may repeat them, and ``None`` spreads
+    ``nprocs`` ranks over the visible GPUs in contiguous groups. Errors name
+    things as the caller spells them: ``option`` (the devices argument),
+    ``count`` (the process count, with ``{n}``), ``no_gpus`` (how to run
+    without GPUs) and ``share`` (the opt-in); the defaults are distrib-run's.
     """
     if devices is not None and len(devices) == 0:
         return [None] * nprocs
@@ -89,18 +100,47 @@ def assign_devices(devices: Optional[Sequence[int]], nprocs: int, *, option: str
     gpus = visible_gpu_count()
     if devices is None:
         if gpus == 0:
+            if share_gpu:
+                raise ConfigError(f"{share} runs ranks on shared GPUs, but no GPU is visible here; "
+                                  f"leave {share} out, or {no_gpus}, to run on the CPU")
             return [None] * nprocs
+        if share_gpu:
+            chosen = [rank * gpus // nprocs for rank in range(nprocs)]
+            _check_sharing(chosen, world_size or nprocs, share)
+            return chosen
         if nprocs > gpus:
             raise ConfigError(f"{processes} but only {gpus} GPUs are visible; expected at most {gpus}, "
-                              f"or {no_gpus} to run without GPUs")
+                              f"{share} to run several ranks on one GPU, or {no_gpus} to run without GPUs")
         return list(range(nprocs))
     chosen = list(devices)
     if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in chosen):
         raise ConfigError(f"{option} is invalid; expected non-negative GPU indices")
     if len(chosen) != nprocs:
         raise ConfigError(f"{option} names {len(chosen)} GPUs for {processes}; expected one GPU per process")
-    if len(set(chosen)) != len(chosen):
-        raise ConfigError(f"{option} repeats a GPU; expected one distinct GPU per process")
+    if len(set(chosen)) != len(chosen) and not share_gpu:
+        raise ConfigError(f"{option} repeats a GPU; expected one distinct GPU per process, or add "
+                          f"{share} to run several ranks on one GPU")
+    if gpus == 0 and share_gpu:
+        raise ConfigError(f"{share} runs ranks on shared GPUs, but no GPU is visible here")
     if max(chosen) >= gpus:
         raise ConfigError(f"{option} names GPU {max(chosen)}, but {gpus} GPUs are visible here")
+    if share_gpu:
+        _check_sharing(chosen, world_size or nprocs, share)
     return chosen
+
+
+def _check_sharing(chosen: list[int], world_size: int, share: str) -> None:
+    """Ranks on a shared GPU talk through the custom all-reduce: it must be able to run."""
+    if not shares_gpus(chosen):
+        return
+    import importlib.util
+
+    from ..communicator._custom_all_reduce import SUPPORTED_WORLD_SIZES
+
+    if importlib.util.find_spec("cupy") is None:
+        raise ConfigError(f"{share} needs CuPy: ranks that share a GPU all-reduce through distrib's "
+                          "custom kernel (NCCL refuses two ranks on one GPU); install distrib[cuda13] "
+                          "(cupy-cuda13x) or distrib[cuda12]")
+    if world_size not in SUPPORTED_WORLD_SIZES:
+        raise ConfigError(f"{share} with {world_size} ranks: the custom all-reduce that ranks sharing "
+                          f"a GPU use runs world sizes {', '.join(map(str, SUPPORTED_WORLD_SIZES))}")

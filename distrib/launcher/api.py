@@ -81,6 +81,7 @@ class CommandOptions:
     master_port: Optional[int] = None      # None: derived from launch_id
     launch_id: Optional[str] = None        # None: fresh per launch (single node)
     devices: Optional[tuple[int, ...]] = None  # None: one GPU per process if any are visible; (): none
+    share_gpu: bool = False                # ranks may share GPUs (devices may repeat)
     log_dir: Optional[str] = None          # per-rank log files go here
     show_ranks: Optional[frozenset[int]] = None  # None: every rank's output on the console
     grace: float = 5.0                     # SIGTERM -> SIGKILL

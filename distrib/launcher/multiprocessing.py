@@ -29,7 +29,7 @@ from .._text import format_ranks
 from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailedError, WorkerFailure
 from ..info import LaunchInfo
 from .api import Launcher, launchers
-from ._devices import assign_devices
+from ._devices import SHARE_GPU_VAR, assign_devices, shares_gpus
 from ._hangwatch import HangWatch
 from ._process import die_with_parent, signal_name, terminate_trees
 
@@ -59,10 +59,10 @@ class MultiprocessingLauncher(Launcher):
 
     def run(self, target: Callable, nprocs: int, args: Sequence = (),
             kwargs: Optional[Mapping[str, Any]] = None, *, launch_id: Optional[str] = None,
-            timeout: Optional[float] = None, devices: Devices = None,
+            timeout: Optional[float] = None, devices: Devices = None, share_gpu: bool = False,
             master_port: Optional[int] = None, env: Optional[Mapping[str, str]] = None) -> list[Any]:
         _check_arguments(target, nprocs, timeout)
-        device_of = _assign_devices(devices, nprocs)
+        device_of = _assign_devices(devices, nprocs, share_gpu)
         launch_id = launch_id or uuid.uuid4().hex
         from .._store import AGENT_STORE_VAR, host_store
 
@@ -76,33 +76,42 @@ class MultiprocessingLauncher(Launcher):
         scratch = tempfile.mkdtemp(prefix="distrib-launch-")
         hangwatch = HangWatch(secret, _note, scratch)
         hangwatch.install_signal()
+        mps = None
         try:
+            shared_env = {}
+            if shares_gpus(device_of):
+                from ._mps import start_mps
+
+                mps = start_mps(scratch, _note)
+                shared_env = {SHARE_GPU_VAR: "1", **(mps.env if mps else {})}
             for rank in range(nprocs):
                 info = LaunchInfo(launch_id=launch_id, rank=rank, world_size=nprocs,
                                   local_rank=rank, local_world_size=nprocs, node_rank=0,
                                   nnodes=1, master_addr="127.0.0.1", master_port=port,
                                   secret=secret)
                 worker_env = {**(env or {}), **info.to_env(), AGENT_STORE_VAR: "True",
-                              **hangwatch.worker_env(rank)}
+                              **hangwatch.worker_env(rank), **shared_env}
                 if device_of[rank] is not None:
                     worker_env["DISTRIB_DEVICE"] = str(device_of[rank])
                 workers.append(_Worker.start(ctx, rank, target, tuple(args), dict(kwargs or {}),
                                              worker_env, device_of[rank]))
                 hangwatch.watch(rank, workers[-1].process.pid)
-            return _supervise(workers, timeout, hangwatch)
+            return _supervise(workers, timeout, hangwatch, mps)
         finally:
             hangwatch.close()
-            shutil.rmtree(scratch, ignore_errors=True)
             terminate_trees([w.process.pid for w in workers if w.process.pid], self.grace)
             for w in workers:
                 w.process.join(timeout=5)
                 w.conn.close()
+            if mps is not None:
+                mps.close()  # after the workers, its clients
+            shutil.rmtree(scratch, ignore_errors=True)
             del store
 
 
 def launch(fn: Callable, nprocs: int, args: Sequence = (), kwargs: Optional[Mapping[str, Any]] = None,
            *, launch_id: Optional[str] = None, timeout: Optional[float] = None,
-           devices: Devices = None, start_method: str = "spawn") -> list[Any]:
+           devices: Devices = None, share_gpu: bool = False, start_method: str = "spawn") -> list[Any]:
     """Run ``fn(*args, **kwargs)`` in ``nprocs`` processes; return their results in rank order.
 
     Each process can call :func:`distrib.init` for its LaunchInfo and
@@ -120,9 +129,15 @@ def launch(fn: Callable, nprocs: int, args: Sequence = (), kwargs: Optional[Mapp
     - ``devices``: ``None`` gives rank ``r`` GPU ``r`` when GPUs are visible
       (nothing GPU-related is touched on machines without them); a list picks
       the GPUs (``[0, 2]``); ``[]`` or ``"cpu"`` uses none.
+    - ``share_gpu``: let ranks share GPUs (``devices=[0, 0, 0, 0]``, or
+      ``devices=None`` to spread ``nprocs`` ranks over the visible GPUs), for
+      developing multi-GPU code on one GPU. Ranks on a shared GPU all-reduce
+      through the custom kernel (NCCL refuses them) under an MPS daemon,
+      which the launch starts if none is running.
     """
     return MultiprocessingLauncher(start_method).run(
-        fn, nprocs, args, kwargs, launch_id=launch_id, timeout=timeout, devices=devices)
+        fn, nprocs, args, kwargs, launch_id=launch_id, timeout=timeout, devices=devices,
+        share_gpu=share_gpu)
 
 
 # -- parent side --------------------------------------------------------------
@@ -188,7 +203,8 @@ class _Worker:
                                          message="exited without returning (os._exit?)")
 
 
-def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: HangWatch) -> list[Any]:
+def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: HangWatch,
+               mps=None) -> list[Any]:
     deadline = None if timeout is None else time.monotonic() + timeout
     running = {w.rank: w for w in workers}
     while running:
@@ -207,6 +223,9 @@ def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: Hang
             else:
                 worker.exited()
                 running.pop(worker.rank, None)
+        lost = mps.lost() if mps is not None else None
+        if lost:
+            raise LaunchError(lost)
         failed = [w.failure for w in workers if w.failure is not None]
         if failed:
             raise WorkerFailedError(failed)
@@ -242,14 +261,16 @@ def _check_arguments(target, nprocs, timeout) -> None:
         raise ConfigError(f"timeout={timeout!r} is invalid; expected seconds > 0 or None")
 
 
-def _assign_devices(devices: Devices, nprocs: int) -> list[Optional[int]]:
+def _assign_devices(devices: Devices, nprocs: int, share_gpu: bool) -> list[Optional[int]]:
     if devices == "cpu":
+        if share_gpu:
+            raise ConfigError("share_gpu=True with devices='cpu': sharing is for GPUs; drop one of them")
         return [None] * nprocs
     if isinstance(devices, str):
         raise ConfigError(f"devices={devices!r} is invalid; expected None, 'cpu' or a list of GPU indices")
-    return assign_devices(None if devices is None else list(devices), nprocs,
+    return assign_devices(None if devices is None else list(devices), nprocs, share_gpu=share_gpu,
                           option=f"devices={list(devices or [])!r}", count="nprocs={n}",
-                          no_gpus="devices=[]")
+                          no_gpus="devices=[]", share="share_gpu=True")
 
 
 # -- worker side -----------------------------------------------------------------

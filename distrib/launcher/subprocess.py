@@ -29,10 +29,10 @@ from typing import Callable, Optional
 
 from .._text import format_ranks
 from ..errors import (ConfigError, CoordinatorError, DistribError, DistribTimeoutError,
-                      WorkerFailedError, WorkerFailure)
+                      LaunchError, WorkerFailedError, WorkerFailure)
 from ..info import LaunchInfo
 from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR
-from ._devices import assign_devices, auto_nprocs
+from ._devices import SHARE_GPU_VAR, assign_devices, auto_nprocs, shares_gpus
 from ._guardian import Guardian
 from ._hangwatch import HangWatch
 from ._output import OutputRelay
@@ -66,7 +66,8 @@ class SubprocessLauncher(CommandLauncher):
         if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
             raise ConfigError(f"nprocs={nprocs!r} is invalid; expected an integer >= 1 or auto")
         _check_nodes(options)
-        device_of = assign_devices(options.devices, nprocs)
+        device_of = assign_devices(options.devices, nprocs, share_gpu=options.share_gpu,
+                                   world_size=nprocs * options.nnodes)
         launch = _Launch(target, nprocs, options, device_of,
                          self._stdout or sys.stdout.buffer, self._stderr or sys.stderr.buffer)
         return launch.run()
@@ -107,6 +108,8 @@ class _Launch:
         self.signals: list[int] = []
         self.rendezvous = None
         self.hangwatch: Optional[HangWatch] = None
+        self.mps = None
+        self.shared_env: dict[str, str] = {}
 
     # -- the whole launch -----------------------------------------------------
     def run(self) -> list[int]:
@@ -142,6 +145,11 @@ class _Launch:
             self.hangwatch = HangWatch(secret, relay.note, scratch, options.log_dir,
                                        options.heartbeat_timeout, nodes=self.rendezvous)
             self.hangwatch.install_signal()
+            if shares_gpus(self.device_of):
+                from ._mps import start_mps
+
+                self.mps = start_mps(scratch, relay.note)
+                self.shared_env = {SHARE_GPU_VAR: "1", **(self.mps.env if self.mps else {})}
             guardian = Guardian.start()
             for local_rank in range(self.nprocs):
                 info = LaunchInfo(launch_id=launch_id, rank=offset + local_rank,
@@ -168,6 +176,8 @@ class _Launch:
                 guardian.release()
             if relay is not None:
                 relay.close(timeout=5.0)
+            if self.mps is not None:
+                self.mps.close()  # after the workers, its clients
             self._leave()
             shutil.rmtree(scratch, ignore_errors=True)
             if listener is not None:
@@ -216,6 +226,7 @@ class _Launch:
         env.update({self._agent_store_var: "True", LAUNCHER_PID_VAR: str(os.getpid()),
                     ERROR_FILE_VAR: error_file})
         env.update(self.hangwatch.worker_env(info.rank))
+        env.update(self.shared_env)
         env.setdefault("PYTHONUNBUFFERED", "1")  # lines reach the console as they are printed
         if self.nprocs > 1:
             env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N processes, not N x cores threads
@@ -236,12 +247,14 @@ class _Launch:
         if device is None:
             return
         if self.options.devices:
-            # Show the chosen GPUs only, in order, so that a script's cuda:LOCAL_RANK is right.
+            # Show the chosen GPUs only, in order, so that a script's cuda:LOCAL_RANK is right
+            # (with shared GPUs, each once: a repeated index would end CUDA's list there).
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             names = visible.split(",") if visible else None
-            chosen = [names[d] if names and d < len(names) else str(d) for d in self.options.devices]
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
-            env["DISTRIB_DEVICE"] = str(local_rank)
+            distinct = list(dict.fromkeys(self.options.devices))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(
+                names[d] if names and d < len(names) else str(d) for d in distinct)
+            env["DISTRIB_DEVICE"] = str(distinct.index(device))
         else:
             env["DISTRIB_DEVICE"] = str(device)
 
@@ -258,6 +271,10 @@ class _Launch:
                 return self._local_failure()
             if self.signals:
                 self._interrupted(self.signals[0])
+            lost = self.mps.lost() if self.mps is not None else None
+            if lost:
+                self._stop(signal.SIGTERM)
+                raise LaunchError(lost)
             if all(c == 0 for c in codes) and len(codes) == self.nprocs:
                 return self._success()
             running = {w.rank for w, c in zip(self.workers, codes) if c is None}

@@ -80,13 +80,16 @@ def run_conformance(communicator: CommunicatorSpec, *, coordinator=None, device:
 
 
 def launch_conformance(communicator: CommunicatorSpec, nprocs: int, *, devices: Any = "cpu",
-                       start_method: str = "spawn", timeout: Optional[float] = 300.0,
-                       **options: Any) -> list[ConformanceReport]:
-    """Launch ``nprocs`` ranks with :func:`distrib.launch` and run the suite in each."""
+                       share_gpu: bool = False, start_method: str = "spawn",
+                       timeout: Optional[float] = 300.0, **options: Any) -> list[ConformanceReport]:
+    """Launch ``nprocs`` ranks with :func:`distrib.launch` and run the suite in each.
+
+    ``devices`` and ``share_gpu`` are :func:`distrib.launch`'s.
+    """
     from ..launcher import launch
 
     return launch(_conformance_worker, nprocs, args=(communicator,), kwargs=options,
-                  devices=devices, start_method=start_method, timeout=timeout)
+                  devices=devices, share_gpu=share_gpu, start_method=start_method, timeout=timeout)
 
 
 def _conformance_worker(communicator: CommunicatorSpec, **options: Any) -> ConformanceReport:
@@ -387,7 +390,7 @@ class _Suite:
         count = torch.cuda.device_count()
         if count > 1:
             return torch.zeros(4, device=torch.device("cuda", (self.device + 1) % count))
-        return torch.zeros(4)  # a CPU tensor
+        return torch.empty(4, device="meta")  # (a CPU tensor is right for a dispatcher with gloo)
 
     def _bool_array(self):
         if self.lib.name == "cupy":

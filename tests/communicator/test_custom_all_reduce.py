@@ -1,45 +1,37 @@
-"""The custom P2P all-reduce on real GPUs (``pytest -m gpu``; skipped without 2+ GPUs).
+"""The custom P2P all-reduce on real GPUs (``pytest -m gpu``).
 
-Every test launches one process per GPU with distrib.launch and checks exact
-results on integer-valued data (exact in every supported dtype), bitwise
-equality across ranks, the fallbacks to NCCL, CUDA-graph capture, and that a
-peer that never arrives is named instead of hanging.
+Every test runs at world sizes 2, 4 and 8: one process per GPU where the
+machine has that many GPUs, otherwise with ranks sharing the GPUs
+(``share_gpu``), so that every code path runs on a one-GPU machine too. They
+check exact results on integer-valued data (exact in every supported
+dtype), bitwise equality across ranks, the fallbacks, CUDA-graph capture, the
+conformance suite, and that a peer that never arrives is named instead of
+hanging.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 
 import pytest
 
 import distrib
+from distrib.testing.placement import placement, shares_gpus
 
 pytestmark = pytest.mark.gpu
 
 ALGORITHMS = ("lamport_one_shot", "one_shot", "two_shot")
 DTYPES = ("float32", "float16", "bfloat16")
+WORLD_SIZES = (2, 4, 8)
 
 
-def _gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        return 0
+def _launch(fn, nprocs, *args, timeout=900):
+    return distrib.launch(fn, nprocs=nprocs, args=args, timeout=timeout, start_method="forkserver",
+                          **placement(nprocs))
 
 
-def world_sizes():
-    return [n for n in (2, 4, 8) if n <= _gpus()] or [2]
-
-
-def _launch(fn, nprocs, *args):
-    if _gpus() < nprocs:
-        pytest.skip(f"needs {nprocs} GPUs")
-    return distrib.launch(fn, nprocs=nprocs, args=args, timeout=900)
-
-
-def _comm(order=("custom", "nccl"), **custom):
+def _comm(order=("custom", "nccl", "gloo"), **custom):
     from distrib.communicator import create
 
     ctx = distrib.init()
@@ -59,38 +51,39 @@ def _sizes(limit: int) -> list[int]:
     return sorted(set(x for x in sizes if 0 < x <= limit))
 
 
-def _exact_sizes_worker(algorithm, limit):
+def _exact_sizes_worker():
     import torch
 
-    ctx, comm = _comm(order=("custom",), algorithm=algorithm, max_bytes=limit)
-    custom = comm["custom"]
+    ctx = distrib.init()
     rank, world = ctx.info.rank, ctx.info.world_size
     failures, digests = [], []
-    for dtype_name in DTYPES:
-        dtype = getattr(torch, dtype_name)
-        for nbytes in _sizes(limit):
-            n = nbytes // dtype.itemsize
-            base = (torch.arange(n, device="cuda") % 17 - 8)
-            x = (base * (rank + 1)).to(dtype)
-            expected = (base * (world * (world + 1) // 2)).to(dtype)
-            out = torch.empty_like(x)
-            assert custom.can_all_reduce(x) is None
-            comm.all_reduce(x, out=out)                   # out of place
-            y = x.clone()
-            comm.all_reduce(y)                            # in place
-            if not (torch.equal(out, expected) and torch.equal(y, expected)):
-                failures.append((dtype_name, nbytes))
-            digests.append(hashlib.sha256(out.view(torch.uint8).cpu().numpy().tobytes()).hexdigest())
-    custom.check()
-    comm.close()
+    for algorithm in ALGORITHMS:
+        limit = (1 << 20) if algorithm == "lamport_one_shot" else (8 << 20)
+        _, comm = _comm(order=("custom",), algorithm=algorithm, max_bytes=limit)
+        custom = comm["custom"]
+        for dtype_name in DTYPES:
+            dtype = getattr(torch, dtype_name)
+            for nbytes in _sizes(limit):
+                n = nbytes // dtype.itemsize
+                base = (torch.arange(n, device="cuda") % 17 - 8)
+                x = (base * (rank + 1)).to(dtype)
+                expected = (base * (world * (world + 1) // 2)).to(dtype)
+                out = torch.empty_like(x)
+                assert custom.can_all_reduce(x) is None
+                comm.all_reduce(x, out=out)                   # out of place
+                y = x.clone()
+                comm.all_reduce(y)                            # in place
+                if not (torch.equal(out, expected) and torch.equal(y, expected)):
+                    failures.append((algorithm, dtype_name, nbytes))
+                digests.append(hashlib.sha256(out.view(torch.uint8).cpu().numpy().tobytes()).hexdigest())
+        custom.check()
+        comm.close()
     return failures, hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("world", world_sizes())
-def test_exact_for_every_size_dtype_and_algorithm(world, algorithm):
-    limit = (1 << 20) if algorithm == "lamport_one_shot" else (8 << 20)
-    results = _launch(_exact_sizes_worker, world, algorithm, limit)
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_exact_for_every_size_dtype_and_algorithm(world):
+    results = _launch(_exact_sizes_worker, world)
     for rank, (failures, _) in enumerate(results):
         assert failures == [], f"rank {rank}: wrong results for {failures[:10]}"
     assert len({digest for _, digest in results}) == 1  # bitwise the same on every rank
@@ -111,7 +104,7 @@ def _random_floats_bitwise_worker():
     return digests
 
 
-@pytest.mark.parametrize("world", world_sizes())
+@pytest.mark.parametrize("world", WORLD_SIZES)
 def test_random_floats_give_bitwise_identical_results_on_every_rank(world):
     results = _launch(_random_floats_bitwise_worker, world)
     assert all(r == results[0] for r in results)
@@ -120,92 +113,128 @@ def test_random_floats_give_bitwise_identical_results_on_every_rank(world):
 # -- stress -------------------------------------------------------------------------------
 
 POOL = 16
+POOL_ELEMENTS = (2 << 20) + 8192  # 4 MiB of bf16 at any offset < 8192
+BITS = {"float32": "int32", "float16": "int16", "bfloat16": "int16"}
 
 
-def _stress_setup(world, seed):
+def _stress_setup(seed):
     import torch
 
     g = torch.Generator(device="cuda").manual_seed(seed)  # same pool on every rank
-    pool = [torch.randint(-4, 4, ((1 << 20),), generator=g, device="cuda").float() for _ in range(POOL)]
-    return pool
+    return [torch.randint(-4, 4, (POOL_ELEMENTS,), generator=g, device="cuda").float() for _ in range(POOL)]
+
+
+def _members():
+    """The dispatcher (custom chooses by its tables) and one custom communicator per algorithm."""
+    from distrib.communicator import create
+
+    ctx, comm = _comm()
+    forced = [create(ctx.coordinator, ctx.device, order=["custom"],
+                     options={"custom": {"algorithm": alg, "max_bytes": 4 << 20}}) for alg in ALGORITHMS]
+    return ctx, comm, forced
+
+
+def _mismatches(out, reference):
+    import torch
+
+    bits = getattr(torch, BITS[str(out.dtype).replace("torch.", "")])
+    return (out.view(bits) != reference.view(bits)).sum()  # bit for bit
 
 
 def _stress_eager_worker(calls, delays):
+    """Random sizes, dtypes, algorithms and placement; bursts of up to 64 calls without a
+    host sync; random GPU-side delays per rank; every result checked bit for bit."""
     import torch
 
-    ctx, comm = _comm()
+    ctx, comm, forced = _members()
+    members = [comm, *forced]
     rank, world = ctx.info.rank, ctx.info.world_size
-    pool = _stress_setup(world, 7)
+    pool = _stress_setup(7)
     total = world * (world + 1) // 2
     rng = random.Random(11)                  # the same call sequence on every rank
     delay_rng = random.Random(1000 + rank)   # different delays on every rank
     mismatches = torch.zeros((), dtype=torch.int64, device="cuda")
-    limit = comm["custom"].max_bytes
-    used = {"custom": 0}
-    for i in range(calls):
-        dtype = (torch.float32, torch.bfloat16, torch.float16)[rng.randrange(3)]
-        item = dtype.itemsize
-        nbytes = 16 * rng.randint(1, (64 << 10) // 16 if rng.random() < 0.9 else min(limit, 4 << 20) // 16)
-        n, off, k = nbytes // item, rng.randrange(0, 1024) * 8, rng.randrange(POOL)
-        base = pool[k][off:off + n]
-        x = (base * (rank + 1)).to(dtype)
-        if delays and delay_rng.random() < 0.05:
-            torch.cuda._sleep(delay_rng.randrange(1000, 200_000))  # the GPU starts this call late
+    used: dict = {}
+    done = 0
+    while done < calls:
+        for _ in range(min(rng.randint(1, 64), calls - done)):
+            which = rng.randrange(len(members))
+            member = members[which]
+            limit = comm["custom"].max_bytes if which == 0 else 4 << 20
+            dtype = (torch.float32, torch.bfloat16, torch.float16)[rng.randrange(3)]
+            nbytes = 16 * rng.randint(1, (64 << 10) // 16 if rng.random() < 0.8 else min(limit, 4 << 20) // 16)
+            n, off, k = nbytes // dtype.itemsize, rng.randrange(0, 1024) * 8, rng.randrange(POOL)
+            base = pool[k][off:off + n]
+            x = (base * (rank + 1)).to(dtype)
+            if delays and delay_rng.random() < 0.05:
+                torch.cuda._sleep(delay_rng.randrange(1000, 200_000))  # the GPU starts this call late
+            if rng.random() < 0.5:
+                member.all_reduce(x)
+                out = x
+            else:
+                out = torch.empty_like(x)
+                member.all_reduce(x, out=out)
+            mismatches += _mismatches(out, (base * total).to(dtype))
+            algorithm = ALGORITHMS[which - 1] if which else comm["custom"]._engine.algorithm(nbytes)
+            used[algorithm] = used.get(algorithm, 0) + 1
+            done += 1
         if rng.random() < 0.5:
-            comm.all_reduce(x)
-            out = x
-        else:
-            out = torch.empty_like(x)
-            comm.all_reduce(x, out=out)
-        mismatches += (out != (base * total).to(dtype)).sum()
-        used["custom"] += 1
+            torch.cuda.synchronize()
     torch.cuda.synchronize()
-    comm["custom"].check()
-    comm.close()
+    for member in members:
+        member["custom"].check()
+        member.close()
     return int(mismatches.item()), used
 
 
-@pytest.mark.parametrize("world", world_sizes())
-def test_stress_100k_eager_calls_with_random_sizes_data_and_delays(world):
-    results = _launch(_stress_eager_worker, world, 100_000, True)
-    for rank, (mismatches, _) in enumerate(results):
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_stress_eager_calls_with_random_sizes_algorithms_bursts_and_delays(world):
+    calls = 12_000 if shares_gpus(world) else 100_000
+    results = _launch(_stress_eager_worker, world, calls, True)
+    for rank, (mismatches, used) in enumerate(results):
         assert mismatches == 0, f"rank {rank}: {mismatches} wrong elements"
+        assert sum(used.values()) == calls and all(used.get(a, 0) >= calls // 10 for a in ALGORITHMS), used
 
 
 def _stress_graph_worker(replays):
-    """A graph of 50 all-reduces of random sizes interleaved with other kernels,
-    replayed ``replays`` times (50 * replays all-reduces), then eager calls again."""
+    """A graph of 50 all-reduces of random sizes and algorithms interleaved with other kernels,
+    captured in capture() and replayed ``replays`` times with fresh inputs, then eager again."""
+    import contextlib
+
     import torch
 
-    ctx, comm = _comm()
-    custom = comm["custom"]
+    ctx, comm, forced = _members()
+    members = [comm, *forced]
     rank, world = ctx.info.rank, ctx.info.world_size
-    pool = _stress_setup(world, 3)
+    pool = _stress_setup(3)
     total = world * (world + 1) // 2
     rng = random.Random(5)
     plan = []
     for i in range(50):
-        dtype = (torch.float32, torch.bfloat16)[i % 2]
+        dtype = (torch.float32, torch.bfloat16, torch.float16)[i % 3]
         nbytes = 16 * rng.randint(1, (512 << 10) // 16)
-        plan.append((dtype, nbytes // dtype.itemsize, rng.randrange(POOL), rng.random() < 0.5))
-    inputs = [torch.empty(n, dtype=d, device="cuda") for d, n, _, _ in plan]
+        plan.append((dtype, nbytes // dtype.itemsize, rng.randrange(POOL), rng.random() < 0.5,
+                     rng.randrange(len(members))))
+    inputs = [torch.empty(n, dtype=d, device="cuda") for d, n, _, _, _ in plan]
     outputs = [torch.empty_like(t) for t in inputs]
     mismatches = torch.zeros((), dtype=torch.int64, device="cuda")
-    scale = torch.ones((), device="cuda")
+    shift = torch.zeros((), device="cuda")  # fresh inputs on every replay
     graph = torch.cuda.CUDAGraph()
 
     def body():
-        for (dtype, n, k, out_of_place), x, o in zip(plan, inputs, outputs):
-            x.copy_((pool[k][:n] * (rank + 1) * scale).to(dtype))       # another kernel before
+        for (dtype, n, k, out_of_place, which), x, o in zip(plan, inputs, outputs):
+            x.copy_(((pool[k][:n] + shift) * (rank + 1)).to(dtype))       # another kernel before
             if out_of_place:
-                comm.all_reduce(x, out=o)
+                members[which].all_reduce(x, out=o)
                 result = o
             else:
-                comm.all_reduce(x)
+                members[which].all_reduce(x)
                 result = x
-            mismatches.add_((result != (pool[k][:n] * total).to(dtype)).sum())  # and after
+            mismatches.add_(_mismatches(result, ((pool[k][:n] + shift) * total).to(dtype)))  # and after
 
-    with custom.capture():
+    with contextlib.ExitStack() as stack:
+        for member in members:
+            stack.enter_context(member.capture())
         body()                       # warm-up inside capture(): eager, must be right too
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
@@ -213,7 +242,8 @@ def _stress_graph_worker(replays):
     torch.cuda.synchronize()
     ctx.coordinator.barrier()
     warm = int(mismatches.item())
-    for _ in range(replays):
+    for replay in range(replays):
+        shift.fill_(float(replay % 4))
         graph.replay()
     torch.cuda.synchronize()
     replayed = int(mismatches.item()) - warm
@@ -221,14 +251,15 @@ def _stress_graph_worker(replays):
     x = torch.full((4096,), float(rank + 1), device="cuda")
     comm.all_reduce(x)
     eager_ok = bool(torch.all(x == total))
-    custom.check()
-    comm.close()
+    for member in members:
+        member["custom"].check()
+        member.close()
     return warm, replayed, eager_ok
 
 
-@pytest.mark.parametrize("world", world_sizes())
-def test_graph_capture_interleaved_with_kernels_replayed_2000_times_then_eager(world):
-    results = _launch(_stress_graph_worker, world, 2000)
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_graph_capture_interleaved_with_kernels_replayed_with_fresh_inputs_then_eager(world):
+    results = _launch(_stress_graph_worker, world, 200 if shares_gpus(world) else 2000)
     for rank, (warm, replayed, eager_ok) in enumerate(results):
         assert warm == 0 and replayed == 0 and eager_ok, (rank, warm, replayed, eager_ok)
 
@@ -263,38 +294,53 @@ def _fallback_worker():
     return chosen, correct, declined
 
 
-def test_tensors_the_kernel_cannot_take_go_to_nccl_and_are_right():
-    chosen, correct, declined = _launch(_fallback_worker, 2)[0]
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_tensors_the_kernel_cannot_take_go_to_the_fallback_and_are_right(world):
+    # NCCL refuses ranks that share a GPU: then gloo takes them, through host memory.
+    fallback = "gloo" if shares_gpus(world) else "nccl"
+    chosen, correct, declined = _launch(_fallback_worker, world)[0]
     assert declined is not None and "contiguous" in declined
     assert chosen["fits"] == "custom"
     for name in ("oversize", "misaligned", "int32", "float64_via_max"):
-        assert chosen[name] == "nccl", (name, chosen[name])
+        assert chosen[name] == fallback, (name, chosen[name])
     assert all(correct.values()), correct
 
 
 def _missing_peer_worker():
     import torch
 
-    ctx, comm = _comm(order=("custom",), timeout=2.0)
+    ctx, comm = _comm(order=("custom",), timeout=2.0, on_error="raise")
     x = torch.ones(1024, device="cuda")
     comm.all_reduce(x)
     torch.cuda.synchronize()
     ctx.coordinator.barrier()
-    message = None
-    if ctx.info.rank == 0:           # rank 1 never calls this one
+    if ctx.info.rank == 0:           # no other rank calls this one
         comm.all_reduce(x)
         torch.cuda.synchronize()     # returns: the kernel gives up after 2 s
-        try:
-            comm["custom"].check()
-        except distrib.CommunicatorError as exc:
-            message = str(exc)
     ctx.coordinator.barrier()
-    return message
+    if ctx.info.rank != 0:           # the others' next call finds the communicator stopped
+        comm.all_reduce(x)
+        torch.cuda.synchronize()
+    try:
+        comm["custom"].check()
+    except distrib.CommunicatorError as exc:
+        message = str(exc)
+    else:
+        message = None
+    nan = bool(torch.isnan(x).any())  # a call that gave up leaves NaN, never a plausible sum
+    ctx.coordinator.barrier()
+    return message, nan
 
 
-def test_a_peer_that_never_arrives_is_named_instead_of_hanging():
-    message = _launch(_missing_peer_worker, 2)[0]
-    assert message is not None and "waiting for rank 1" in message
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_a_peer_that_never_arrives_is_named_and_stops_every_rank(world):
+    results = _launch(_missing_peer_worker, world)
+    message, nan = results[0]
+    assert message is not None and "gave up after 2s waiting for rank" in message, message
+    assert "waiting for rank 0" not in message and nan
+    for rank, (message, nan) in enumerate(results[1:], start=1):
+        assert message is not None and "rank 0 had given up" in message, (rank, message)
+        assert nan, rank
 
 
 def _p2p_check_worker(cache_dir):
@@ -312,3 +358,18 @@ def test_p2p_check_runs_and_is_cached_per_device_set(tmp_path):
     assert first[0][0] and len(first[0][1]) == 1 and first[0][1][0].startswith("p2p-")
     second = _launch(_p2p_check_worker, 2, str(tmp_path))
     assert second[0] == first[0]
+
+
+# -- the conformance suite ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("spec", ["custom", "dispatcher"])
+def test_conformance_of_custom_and_the_dispatcher(world, spec):
+    from distrib.communicator import create
+    from distrib.testing import launch_conformance
+
+    factory = "custom" if spec == "custom" else functools.partial(create, order=["custom", "nccl", "gloo"])
+    reports = launch_conformance(factory, world, graph=True, start_method="forkserver", timeout=600,
+                                 **placement(world))
+    for report in reports:
+        assert {"all_reduce", "all_reduce_out", "cuda_graph", "caller_stream"} <= set(report.passed), report
