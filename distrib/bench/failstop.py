@@ -1,0 +1,273 @@
+"""The custom all-reduce's fail-stop, measured: scenarios repeated, the abort path timed, the cost.
+
+    python -m distrib.bench failstop --nprocs 2 4 8 --reps 20 --out benchmarks/results/1xH200
+
+Ranks get a GPU each where there are enough, else share the GPUs (as the GPU
+tests do). Per world size:
+
+- ``scenarios``: a peer that stalls past the timeout, eager and graph, every
+  algorithm, ``--reps`` times each in one launch (``on_error="raise"``, so
+  every outcome is seen), plus counters across their wrap, calls on two
+  streams, a replay before registration and mismatched limits. The figure
+  that matters: wrong sums, which must be 0.
+- ``abort``: ``--abort-reps`` launches in which a peer stalls and the default
+  ``on_error="abort"`` ends the launch; the time from the kernel's timeout to
+  ``distrib.launch`` raising (every rank gone), and whether the error names
+  the late rank. Also a peer that SIGKILLs itself mid-call.
+- ``cost``: eager (a Python call per all-reduce, back to back) and CUDA-graph
+  replay time per all-reduce, with fail-stop and with it compiled out
+  (``fail_stop=False``), measured alternately in the same processes.
+
+Writes failstop-<N>ranks.json and a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import distrib
+
+from ..testing import failstop
+from ..testing.placement import placement, visible_gpus
+
+SIZES = {"lamport_one_shot": 1 << 10, "one_shot": 256 << 10, "two_shot": 1 << 20}
+
+
+def _launch(fn, nprocs, *args, timeout=900, **kwargs):
+    return distrib.launch(fn, nprocs=nprocs, args=args, kwargs=kwargs, timeout=timeout,
+                          start_method="forkserver", **placement(nprocs))
+
+
+# -- scenarios, in one launch -------------------------------------------------------------
+
+def _scenarios_worker(reps: int) -> dict:
+    ctx = distrib.init()
+    world = ctx.info.world_size
+    out = {"late_peer": failstop.late_peer_rounds(reps, world - 1)}
+    out["wrap"] = [failstop.counters_across_the_wrap(3000)[0] for _ in range(max(1, reps // 10))]
+    out["two_streams"] = [failstop.two_streams(2000) for _ in range(max(1, reps // 10))]
+    out["replay_before_registration"] = [failstop.replay_before_registration() for _ in range(reps)]
+    out["mismatched_limits"] = [failstop.mismatched_limits() for _ in range(reps)]
+    return out
+
+
+def _tally(per_rank: list[dict], world: int) -> dict:
+    rows = {}
+    for name in per_rank[0]["late_peer"]:
+        counts: dict = {}
+        named = 0
+        for rank, scenarios in enumerate(per_rank):
+            for outcomes in scenarios["late_peer"][name]:
+                for o in outcomes:
+                    key = "check" if o.startswith("check: ") else o
+                    counts[key] = counts.get(key, 0) + 1
+                    named += o.startswith("check: ") and f"waiting for rank {world - 1}" in o
+        rows[f"late peer, {name}"] = {"runs": len(per_rank[0]["late_peer"][name]), "outcomes": counts,
+                                      "wrong": counts.get("wrong", 0),
+                                      "errors naming the late rank": named}
+    rows["counters across the wrap (3000 calls)"] = {
+        "runs": len(per_rank[0]["wrap"]), "wrong": sum(sum(r["wrap"]) for r in per_rank)}
+    rows["two streams (2000 calls)"] = {
+        "runs": len(per_rank[0]["two_streams"]), "wrong": sum(sum(r["two_streams"]) for r in per_rank)}
+    refused = [rep for r in per_rank for rep in r["replay_before_registration"]]
+    rows["replay before registration"] = {
+        "runs": len(per_rank[0]["replay_before_registration"]),
+        "wrong": sum(rep["early"] != "nan" or rep["after_failed_registration"] != "nan" for rep in refused),
+        "refused and named": sum(bool(rep["early_check"]) and bool(rep["register"]) for rep in refused)}
+    messages = [m for r in per_rank for m in r["mismatched_limits"]]
+    rows["mismatched limits"] = {"runs": len(per_rank[0]["mismatched_limits"]),
+                                 "refused on every rank": sum(bool(m) and "max_bytes" in m for m in messages),
+                                 "wrong": 0}
+    return rows
+
+
+# -- the abort path, one launch per repetition ------------------------------------------------
+
+def _abort_once(world: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        log = os.path.join(tmp, "log.jsonl")
+        error = None
+        try:
+            _launch(failstop.late_peer, world, "graph", "one_shot", world - 1, stall=60.0, calls=8,
+                    log=log, on_error="abort", timeout=300)
+        except distrib.WorkerFailedError as exc:
+            error = exc
+        ended = time.time()
+        records = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+    stall = next((t for _, _, what, t in records if what == "stall"), None)
+    return {"raised": error is not None,
+            "named": error is not None and f"waiting for rank {world - 1}" in str(error),
+            "seconds_from_timeout_to_exit": None if stall is None else ended - (stall + 0.3),
+            "wrong": sum(what == "wrong" for _, _, what, _ in records)}
+
+
+def _dies_once(world: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        log = os.path.join(tmp, "log.jsonl")
+        error = None
+        try:
+            _launch(failstop.dies_mid_call, world, world - 1, log, timeout=300)
+        except distrib.WorkerFailedError as exc:
+            error = exc
+        records = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+    return {"named": error is not None and f"rank {world - 1}" in str(error) and "SIGKILL" in str(error),
+            "wrong": sum(what == "wrong" for _, _, what, _ in records)}
+
+
+# -- cost ------------------------------------------------------------------------------------
+
+def _median(values):
+    return statistics.median(values)
+
+
+def _cost_worker(rounds: int, ops: int, eager_calls: int) -> list[dict]:
+    import torch
+
+    from distrib.communicator.custom import CustomAllReduceCommunicator
+
+    ctx = distrib.init()
+    rank = ctx.info.rank
+    comms = {(alg, fs): CustomAllReduceCommunicator(ctx.coordinator, ctx.device, algorithm=alg,
+                                                    max_bytes=max(SIZES.values()), fail_stop=fs)
+             for alg in SIZES for fs in (True, False)}
+    rows = []
+    for alg, nbytes in SIZES.items():
+        x = torch.full((nbytes // 2,), float(rank + 1), dtype=torch.bfloat16, device="cuda")
+        outs = [torch.empty_like(x) for _ in range(ops)]
+        graphs = {}
+        for fs in (True, False):
+            comm = comms[(alg, fs)]
+            graph = torch.cuda.CUDAGraph()
+            with comm.capture():
+                comm.all_reduce(x, out=outs[0])
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph):
+                    for out in outs:
+                        comm.all_reduce(x, out=out)
+            graphs[fs] = graph
+        times = {(mode, fs): [] for mode in ("graph", "eager") for fs in (True, False)}
+        for _ in range(rounds):
+            for fs in (True, False):  # alternately, so that drift hits both alike
+                ctx.coordinator.barrier()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graphs[fs].replay()
+                end.record()
+                end.synchronize()
+                times[("graph", fs)].append(start.elapsed_time(end) * 1e3 / ops)
+                ctx.coordinator.barrier()
+                comm = comms[(alg, fs)]
+                start.record()
+                for _ in range(eager_calls):
+                    comm.all_reduce(x, out=outs[0])
+                end.record()
+                end.synchronize()
+                times[("eager", fs)].append(start.elapsed_time(end) * 1e3 / eager_calls)
+        for mode in ("graph", "eager"):
+            rows.append({"algorithm": alg, "bytes": nbytes, "mode": mode,
+                         "fail_stop_us": _median(times[(mode, True)]),
+                         "without_us": _median(times[(mode, False)])})
+    for comm in comms.values():
+        comm.check()
+        comm.close()
+    return rows
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distrib.bench failstop", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nprocs", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--reps", type=int, default=20, help="repetitions of each in-launch scenario")
+    parser.add_argument("--abort-reps", type=int, nargs="+", default=[20],
+                        help="launches that end by abort, per world size (one number for all, or one each)")
+    parser.add_argument("--parts", nargs="+", default=["scenarios", "abort", "cost"],
+                        choices=["scenarios", "abort", "cost"])
+    parser.add_argument("--rounds", type=int, default=30, help="cost: alternating measurement rounds")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    gpu = _gpu_name()
+    for index, world in enumerate(args.nprocs):
+        record = {"meta": {"world_size": world, "gpus": visible_gpus(), "gpu": gpu,
+                           "placement": placement(world), "date": datetime.now(timezone.utc).isoformat(),
+                           "commit": _commit(), "reps": args.reps}}
+        if "scenarios" in args.parts:
+            record["scenarios"] = _tally(_launch(_scenarios_worker, world, args.reps), world)
+        if "abort" in args.parts:
+            reps = args.abort_reps[min(index, len(args.abort_reps) - 1)]
+            aborts = [_abort_once(world) for _ in range(reps)]
+            deaths = [_dies_once(world) for _ in range(reps)]
+            seconds = [a["seconds_from_timeout_to_exit"] for a in aborts
+                       if a["seconds_from_timeout_to_exit"] is not None]
+            record["abort"] = {
+                "late peer, on_error=abort": {
+                    "runs": reps, "launch raised": sum(a["raised"] for a in aborts),
+                    "named the late rank": sum(a["named"] for a in aborts),
+                    "wrong": sum(a["wrong"] for a in aborts),
+                    "median_s_from_timeout_to_exit": _median(seconds) if seconds else None,
+                    "max_s_from_timeout_to_exit": max(seconds) if seconds else None},
+                "peer SIGKILLed mid-call": {
+                    "runs": reps, "named": sum(d["named"] for d in deaths),
+                    "wrong": sum(d["wrong"] for d in deaths)}}
+        if "cost" in args.parts:
+            rows = _launch(_cost_worker, world, args.rounds, 20, 200)
+            record["cost"] = [dict(r, slowest_rank_fail_stop_us=max(p[i]["fail_stop_us"] for p in rows),
+                                   slowest_rank_without_us=max(p[i]["without_us"] for p in rows))
+                              for i, r in enumerate(rows[0])]
+        path = os.path.join(args.out, f"failstop-{world}ranks.json")
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+        with open(path.replace(".json", ".md"), "w") as f:
+            f.write(_markdown(record))
+        print(_markdown(record), flush=True)
+    return 0
+
+
+def _markdown(record: dict) -> str:
+    meta = record["meta"]
+    lines = [f"# Custom all-reduce fail-stop, {meta['world_size']} ranks on {meta['gpus']} x {meta['gpu']}",
+             "", f"{meta['date']}, commit {meta['commit']}, placement {meta['placement']}", ""]
+    if "scenarios" in record:
+        lines += ["| scenario | runs | wrong sums | outcomes / checks |", "|---|---:|---:|---|"]
+        for name, row in record["scenarios"].items():
+            rest = {k: v for k, v in row.items() if k not in ("runs", "wrong")}
+            lines.append(f"| {name} | {row['runs']} | {row['wrong']} | {json.dumps(rest)} |")
+        lines.append("")
+    if "abort" in record:
+        lines += ["| abort path | runs | result |", "|---|---:|---|"]
+        for name, row in record["abort"].items():
+            rest = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "runs"}
+            lines.append(f"| {name} | {row['runs']} | {json.dumps(rest)} |")
+        lines.append("")
+    if "cost" in record:
+        lines += ["| algorithm | bytes | mode | fail-stop µs | without µs | ratio |", "|---|---:|---|---:|---:|---:|"]
+        for r in record["cost"]:
+            a, b = r["slowest_rank_fail_stop_us"], r["slowest_rank_without_us"]
+            lines.append(f"| {r['algorithm']} | {r['bytes']} | {r['mode']} | {a:.2f} | {b:.2f} | {a / b:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001
+        return "no GPU"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
