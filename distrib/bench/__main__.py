@@ -5,7 +5,8 @@ import sys
 
 BENCHMARKS = {"allreduce": "distrib.bench.allreduce",
               "channel": "distrib.bench.channel",
-              "custom-crossover": "distrib.bench.custom_crossover"}
+              "custom-crossover": "distrib.bench.custom_crossover",
+              "op-overhead": "distrib.bench.op_overhead"}
 
 
 def main(argv=None) -> int:
