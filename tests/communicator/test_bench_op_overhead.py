@@ -40,3 +40,5 @@ def test_the_verdict_follows_the_limit():
     assert within["paths"]["direct"]["median_us"] == 11 and within["paths"]["operator"]["median_us"] == 15
     assert within["operator_over_direct"] == pytest.approx(15 / 11) and within["passed"]
     assert not op_overhead.summarize(per_rank, limit=1.3)["passed"]
+    # Adjacent samples: 14/10, 15/11, 16/12 -> the median is 15/11.
+    assert within["paired_ratio_median"] == pytest.approx(15 / 11)
