@@ -75,6 +75,8 @@ def compiled_mlp(device: str = "cpu", order: Optional[Sequence[str]] = None,
     dev = torch.device("cuda", ctx.device) if device == "cuda" else torch.device("cpu")
     if device == "cpu":
         torch.set_num_threads(1)  # the ranks share the machine's cores
+    else:
+        torch.cuda.set_device(dev)
     comm = communicator.create(ctx.coordinator, device=ctx.device if device == "cuda" else "cpu", order=order)
     inputs = [integers((TOKENS, HIDDEN), 100 + i, dev) for i in range(calls)]
     whole = TensorParallelMLP(None, 0, 1, dev)
@@ -104,6 +106,7 @@ def compiled_mlp(device: str = "cpu", order: Optional[Sequence[str]] = None,
     # Eager calls after compiling still take the direct path, and agree.
     model = TensorParallelMLP(comm, rank, tp, dev)
     result["eager_after"] = all(torch.equal(model(x), e) for x, e in zip(inputs, expected))
+    ctx.coordinator.barrier()
     comm.close()
     return result
 
@@ -185,3 +188,65 @@ def bad_inputs() -> dict:
 def run_everything_on_cpu() -> dict:
     """Every CPU check in one launch (rank start-up and torch imports paid once)."""
     return {"mlp": compiled_mlp(), "collectives": compiled_collectives(), "bad": bad_inputs()}
+
+
+# -- GPU: compiled code captured in CUDA graphs ------------------------------------------------
+
+def compiled_cuda_graphs(order: Optional[Sequence[str]] = None, replays: int = 4) -> dict:
+    """The compiled MLP in CUDA graphs, both patterns; each replay with fresh inputs against the unsplit model.
+
+    - ``manual``: ``torch.compile(model, fullgraph=True)``, warmed up eagerly on a side
+      stream, then captured with ``torch.cuda.graph`` inside ``comm.capture()`` (the custom
+      kernel reads the captured tensors directly; their addresses are registered when the
+      block ends, before the first replay). The in-place and the out-of-place model, one graph each.
+    - ``reduce_overhead``: ``torch.compile(model, mode="reduce-overhead", fullgraph=True)``,
+      called as usual, outside ``comm.capture()`` (inductor captures and replays on its own;
+      the custom kernel stages its input through its registered buffer, as eager calls do).
+    """
+    ctx = distrib.init()
+    rank, tp = ctx.rank, ctx.world_size
+    dev = torch.device("cuda", ctx.device)
+    torch.cuda.set_device(dev)
+    comm = communicator.create(ctx.coordinator, device=ctx.device, order=order)
+    whole = TensorParallelMLP(None, 0, 1, dev)
+    fresh = [integers((TOKENS, HIDDEN), 700 + i, dev) for i in range(replays)]
+    result: dict = {"member": comm.communicator_for(torch.empty(TOKENS, HIDDEN, device=dev)).name}
+
+    steps = {form: torch.compile(TensorParallelMLP(comm, rank, tp, dev, out_of_place=form == "out_of_place"),
+                                 fullgraph=True) for form in ("in_place", "out_of_place")}
+    static_x = integers((TOKENS, HIDDEN), 600, dev)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for step in steps.values():
+            for _ in range(2):
+                step(static_x)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graphs = {}
+    with comm.capture():
+        for form, step in steps.items():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = step(static_x)
+            graphs[form] = (graph, static_y)
+    for form, (graph, static_y) in graphs.items():
+        exact = []
+        for x in fresh:
+            static_x.copy_(x)
+            graph.replay()
+            exact.append(bool(torch.equal(static_y, whole(x))))
+        result[f"manual/{form}"] = exact
+    torch.cuda.synchronize(dev)
+    del graphs
+
+    torch._dynamo.reset()
+    step = torch.compile(TensorParallelMLP(comm, rank, tp, dev, out_of_place=True), mode="reduce-overhead",
+                         fullgraph=True)
+    exact = []
+    for x in fresh + fresh:  # the first calls warm up and record; every call returns the exact result
+        exact.append(bool(torch.equal(step(x).clone(), whole(x))))
+    result["reduce_overhead"] = exact
+    torch.cuda.synchronize(dev)
+    ctx.coordinator.barrier()  # every rank done with the graphs before any closes (IPC mappings)
+    comm.close()
+    return result
