@@ -64,6 +64,12 @@ class Communicator(ABC):
     op) across ranks through the Coordinator, so a mismatch or a rejected input
     on any rank raises on every rank instead.
 
+    The data calls work unchanged under ``torch.compile`` (``fullgraph=True``
+    too): while Dynamo traces them they record distrib's PyTorch operators,
+    which name this communicator by ``handle`` (an int, unique in the process)
+    and make the same eager call when the compiled code runs. The checks that
+    shapes alone allow run while compiling (see ``_ops.py``).
+
     ``device`` is the CUDA device index of a GPU communicator (ignored by CPU
     ones). Tensors with no elements are accepted and nothing is enqueued.
     A subclass does its start-up work in ``_initialize``: a constructor that
