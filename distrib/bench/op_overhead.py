@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nprocs", type=int, default=2, help="ranks (default 2)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: gloo; cuda: one GPU per rank, the dispatcher's chain (default cpu)")
+    parser.add_argument("--devices", default=None,
+                        help="cuda: the GPU of each rank, comma-separated, e.g. 0,1 (default: one GPU per rank)")
     parser.add_argument("--order", default=None,
                         help="communicator names for the dispatcher, comma-separated (default: all, by priority)")
     parser.add_argument("--size", type=int, default=1024, help="bytes per all-reduce, a multiple of 16 (default 1024)")
@@ -192,7 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "warmup": max(0, args.warmup), "compiled": args.compiled,
               "order": [n.strip() for n in args.order.split(",") if n.strip()] if args.order else None}
     print(f"op-overhead benchmark: {args.nprocs} {args.device} ranks, {args.size} bytes", file=sys.stderr)
-    per_rank = launch(run_rank, args.nprocs, args=(config,), devices=None if gpu else "cpu",
+    devices = [int(d) for d in args.devices.split(",")] if gpu and args.devices else None
+    per_rank = launch(run_rank, args.nprocs, args=(config,), devices=devices if gpu else "cpu",
                       start_method="spawn" if gpu else "forkserver", timeout=args.timeout)
     first = per_rank[0]
     meta = {"device": args.device, "nprocs": args.nprocs, "device_name": first["device_name"],
