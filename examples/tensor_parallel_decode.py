@@ -4,6 +4,7 @@
     python examples/tensor_parallel_decode.py --nprocs 2 --model llama-8b --comm dispatcher,torch
     distrib-run --nprocs 4 examples/tensor_parallel_decode.py --model llama-70b
     python examples/tensor_parallel_decode.py --device cpu         # 2 CPU ranks, tiny model, gloo
+    python examples/tensor_parallel_decode.py --compile            # the decode step through torch.compile
 
 Each rank holds its shard of a bf16 decoder with random weights (RMSNorm,
 attention with a KV cache and grouped-query heads, gated MLP; column-parallel
@@ -22,6 +23,12 @@ size with the ratio to torch, and the GPU memory each communicator's graphs
 add; writes ``tp-decode-<model>.json``, ``.md`` and ``.png`` to ``--out``.
 On CPUs there are no CUDA graphs: eager steps are timed, distrib's NCCL is
 skipped, and the dispatcher and torch.distributed both use gloo (a smoke run).
+
+With ``--compile`` the decode step is ``torch.compile(step, fullgraph=True)``
+for every contender, all-reduces included (distrib's are traced as its
+PyTorch operators; the code of the step does not change): compiled once per
+contender, warmed up outside the capture, then captured in the CUDA graphs as
+before, inside ``comm.capture()``.
 """
 from __future__ import annotations
 
@@ -51,11 +58,13 @@ def rank_main(config: dict) -> Optional[dict]:
     record = run_rank(config)
     if record is None:
         return None
-    meta = {key: config[key] for key in ("date", "commit", "host", "batch_sizes", "steps", "warmup", "seed")}
+    meta = {key: config[key] for key in ("date", "commit", "host", "batch_sizes", "steps", "warmup", "seed",
+                                         "compile")}
     gpu = config["device"] == "cuda"
     meta.update(device=config["device"], gpus=record["tp"] if gpu else 0,
-                timing=("CUDA-graph replay timed with CUDA events" if gpu
-                        else "eager steps timed with the wall clock (CPU: no CUDA graphs)"),
+                timing=((f"compiled (torch.compile, {config['compile']}), " if config["compile"] else "")
+                        + ("CUDA-graph replay timed with CUDA events" if gpu
+                           else "eager steps timed with the wall clock (CPU: no CUDA graphs)")),
                 timing_ranks="per step, the slowest rank's time; then the median over steps",
                 environment={"NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE") if gpu else None})
     summary = report.summarize(meta, record)
@@ -115,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "rounding differences reach ~0.06 after 80 layers, a wrong sum ~1)")
     parser.add_argument("--break-comm", choices=COMM_FLAGS, default=None,
                         help="testing aid: make this communicator's all-reduce a no-op, so the check must fail")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="run the decode step through torch.compile(fullgraph=True) with this backend "
+                             "(default inductor; aot_eager compiles faster)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole launch")
     parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     return parser
@@ -146,7 +158,7 @@ def config_from(args: argparse.Namespace, world_size: Optional[int]) -> dict:
 
     return {"model": model, "layers": args.layers, "batch_sizes": list(args.batch_sizes), "steps": steps,
             "warmup": warmup, "comms": list(args.comm), "device": device, "nprocs": nprocs, "seed": args.seed,
-            "check_rtol": args.check_rtol, "break_comm": args.break_comm, "out": args.out,
+            "check_rtol": args.check_rtol, "break_comm": args.break_comm, "out": args.out, "compile": args.compile,
             "commit": args.commit or git_commit(), "host": platform.node(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 

@@ -145,3 +145,15 @@ def test_the_logits_check_stops_a_communicator_that_does_not_reduce(tmp_path):
     assert "logits check FAILED, nothing was timed" in result.stderr
     assert "distrib:dispatcher vs torch:gloo at batch 1" in result.stderr
     assert not (tmp_path / "tp-decode-tiny.json").exists()
+
+
+def test_the_compiled_decode_step_gives_the_same_logits(tmp_path):
+    result = _run_example(tmp_path, "--compile", "aot_eager", "--batch-sizes", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "tp-decode-tiny.json").read_text())
+    meta, check = summary["meta"], summary["check"]
+    assert meta["compile"] == "aot_eager" and meta["timing"].startswith("compiled (torch.compile, aot_eager)")
+    # Both contenders' all-reduces were compiled (fullgraph: no graph break allowed) and agree.
+    assert check["passed"] is True and check["exact_all_reduce"] == {"distrib:dispatcher": True, "torch:gloo": True}
+    assert [(c["comm"], c["batch"]) for c in check["logits"]] == [("distrib:dispatcher", 2)]
+    assert all(c["rel_err"] <= check["rtol"] for c in check["logits"])

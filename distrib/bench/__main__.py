@@ -6,7 +6,8 @@ import sys
 BENCHMARKS = {"allreduce": "distrib.bench.allreduce",
               "channel": "distrib.bench.channel",
               "custom-crossover": "distrib.bench.custom_crossover",
-              "failstop": "distrib.bench.failstop"}
+              "failstop": "distrib.bench.failstop",
+              "op-overhead": "distrib.bench.op_overhead"}
 
 
 def main(argv=None) -> int:

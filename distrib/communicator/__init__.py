@@ -11,6 +11,9 @@ Typical use, in every rank::
 
     comm = distrib.communicator.create()   # custom > nccl > gloo, as available
     comm.all_reduce(tensor)                 # in place, on the current CUDA stream
+
+The same calls work inside ``torch.compile``: they are traced as PyTorch
+operators (``torch.ops.distrib.*``, registered by :mod:`._ops`).
 """
 from importlib import import_module, util
 

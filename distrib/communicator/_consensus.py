@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from .._text import format_ranks
 from ..errors import CommunicatorError
-from .api import Collective
+from ._types import Collective
 
 
 def agree_on_token(comm) -> bytes:

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Optional
 
 from ..errors import CommunicatorError, ConfigError
-from .api import Collective, DeviceType, DType, ReduceOp, TensorView
+from ._types import Collective, DeviceType, DType, ReduceOp, TensorView
 
 _TORCH_DTYPES: dict = {}  # torch.dtype -> DType, filled on first use
 
@@ -43,13 +43,19 @@ def as_view(obj: Any) -> TensorView:
         f"__dlpack__), got {type(obj).__name__}")
 
 
-def _torch_view(tensor, obj, library: str) -> TensorView:
+def shape_view(tensor) -> TensorView:
+    """A view of a torch tensor's metadata only (``ptr`` 0): for tensors without memory,
+    such as the fake tensors torch.compile traces with."""
+    return _torch_view(tensor, tensor, "torch", ptr=0)
+
+
+def _torch_view(tensor, obj, library: str, ptr: Optional[int] = None) -> TensorView:
     if not _TORCH_DTYPES:
         _fill_torch_dtypes()
     device = tensor.device
     dtype = _TORCH_DTYPES.get(tensor.dtype)
-    return TensorView(obj, tensor.data_ptr(), tensor.numel(), tuple(tensor.shape), dtype,
-                      dtype.value if dtype is not None else str(tensor.dtype).replace("torch.", ""),
+    return TensorView(obj, tensor.data_ptr() if ptr is None else ptr, tensor.numel(),
+                      tuple(tensor.shape), dtype, dtype.value if dtype is not None else str(tensor.dtype).replace("torch.", ""),
                       device.type, device.index, tensor.is_contiguous(), library, tensor)
 
 
@@ -170,25 +176,34 @@ def output_view(collective: Collective, src: TensorView, out: Any, world_size: i
     if dst.ptr == src.ptr and dst.numel == src.numel and dst.dtype_name == src.dtype_name \
             and collective is Collective.ALL_REDUCE:
         return dst  # out is the input itself: in place
-    expected = {Collective.ALL_REDUCE: src.numel, Collective.ALL_GATHER: src.numel * world_size,
-                Collective.REDUCE_SCATTER: src.numel // world_size}[collective]
-    problem = None
-    if (dst.device_type, dst.device_index) != (src.device_type, src.device_index):
-        problem = f"is on {_where(dst)} but the input is on {_where(src)}"
-    elif dst.dtype_name != src.dtype_name:
-        problem = f"has dtype {dst.dtype_name} but the input has {src.dtype_name}"
-    elif collective is Collective.ALL_REDUCE and dst.shape != src.shape:
-        problem = f"has shape {list(dst.shape)} but the input has {list(src.shape)}"
-    elif dst.numel != expected:
-        problem = f"has {dst.numel} elements, expected {expected}"
-    elif not dst.contiguous:
-        problem = "is not contiguous"
-    elif src.numel and dst.numel and src.device_type == dst.device_type and \
-            dst.ptr < src.ptr + src.nbytes and src.ptr < dst.ptr + dst.nbytes:
-        problem = "overlaps the input; pass a separate buffer, or no out for in place"
+    problem = out_problem(collective, src, dst, world_size)
     if problem:
         raise CommunicatorError(f"{collective}: out {problem}")
     return dst
+
+
+def out_problem(collective: Collective, src: TensorView, dst: TensorView, world_size: int,
+                addresses: bool = True) -> Optional[str]:
+    """What is wrong with ``dst`` as the output of ``collective`` on ``src``, or None.
+
+    ``addresses=False`` skips the overlap check (views of tensors without memory).
+    """
+    expected = {Collective.ALL_REDUCE: src.numel, Collective.ALL_GATHER: src.numel * world_size,
+                Collective.REDUCE_SCATTER: src.numel // world_size}[collective]
+    if (dst.device_type, dst.device_index) != (src.device_type, src.device_index):
+        return f"is on {_where(dst)} but the input is on {_where(src)}"
+    if dst.dtype_name != src.dtype_name:
+        return f"has dtype {dst.dtype_name} but the input has {src.dtype_name}"
+    if collective is Collective.ALL_REDUCE and dst.shape != src.shape:
+        return f"has shape {list(dst.shape)} but the input has {list(src.shape)}"
+    if dst.numel != expected:
+        return f"has {dst.numel} elements, expected {expected}"
+    if not dst.contiguous:
+        return "is not contiguous"
+    if addresses and src.numel and dst.numel and src.device_type == dst.device_type and \
+            dst.ptr < src.ptr + src.nbytes and src.ptr < dst.ptr + dst.nbytes:
+        return "overlaps the input; pass a separate buffer, or no out for in place"
+    return None
 
 
 def _where(view: TensorView) -> str:

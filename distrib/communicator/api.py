@@ -35,104 +35,16 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from enum import Enum
-from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 from ..coordinator.api import Coordinator
-from ..errors import CommunicatorError, ConfigError, DistribError
+from ..errors import CommunicatorError, DistribError
 from ..registry import Registry
+from . import _consensus, _handles, _tensors
+from ._types import Collective, DeviceType, DType, ReduceOp, TensorView
 
 __all__ = ["Collective", "Communicator", "DType", "DeviceType", "ReduceOp", "TensorView",
            "communicators"]
-
-
-class _StrEnum(str, Enum):
-    def __str__(self) -> str:
-        return self.value
-
-
-class ReduceOp(_StrEnum):
-    """How ``all_reduce`` and ``reduce_scatter`` combine the ranks' values."""
-
-    SUM = "sum"
-    PROD = "prod"
-    MAX = "max"
-    MIN = "min"
-    AVG = "avg"  # floating-point dtypes only: an integer average would truncate
-
-    @classmethod
-    def parse(cls, op: "ReduceOp | str") -> "ReduceOp":
-        """``op`` as a ReduceOp; raises :class:`ConfigError` for an unknown name."""
-        if op.__class__ is cls:
-            return op  # type: ignore[return-value]
-        try:
-            return cls(op.lower() if isinstance(op, str) else op)
-        except ValueError:
-            known = ", ".join(m.value for m in cls)
-            raise ConfigError(f"unknown reduce op {op!r}; expected one of: {known}") from None
-
-
-class DType(_StrEnum):
-    """Element types a communicator may support (names as in torch and NumPy)."""
-
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
-    FLOAT32 = "float32"
-    FLOAT64 = "float64"
-    INT8 = "int8"
-    UINT8 = "uint8"
-    INT32 = "int32"
-    INT64 = "int64"
-
-    @property
-    def itemsize(self) -> int:
-        return _ITEMSIZE[self]
-
-    @property
-    def is_floating_point(self) -> bool:
-        return self in (DType.FLOAT16, DType.BFLOAT16, DType.FLOAT32, DType.FLOAT64)
-
-
-_ITEMSIZE = {DType.FLOAT16: 2, DType.BFLOAT16: 2, DType.FLOAT32: 4, DType.FLOAT64: 8,
-             DType.INT8: 1, DType.UINT8: 1, DType.INT32: 4, DType.INT64: 8}
-
-
-class DeviceType(_StrEnum):
-    CPU = "cpu"
-    CUDA = "cuda"
-
-
-class Collective(_StrEnum):
-    ALL_REDUCE = "all_reduce"
-    ALL_GATHER = "all_gather"
-    REDUCE_SCATTER = "reduce_scatter"
-    BROADCAST = "broadcast"
-
-
-class TensorView(NamedTuple):
-    """What a communicator needs to know about one caller's tensor, read once.
-
-    ``obj`` is the caller's object (returned by the data calls); ``ptr`` the
-    address of its first element; ``dtype`` is None when the element type is
-    not a :class:`DType` (``dtype_name`` says what it is). ``tensor`` is a
-    torch.Tensor over the same memory when there is one (always on the CPU).
-    """
-
-    obj: Any
-    ptr: int
-    numel: int
-    shape: tuple
-    dtype: Optional[DType]
-    dtype_name: str
-    device_type: str        # "cpu", "cuda", or whatever else the object lives on
-    device_index: Optional[int]
-    contiguous: bool
-    library: str            # "torch", "cupy" or "cuda_array_interface"
-    tensor: Any = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * (self.dtype.itemsize if self.dtype is not None else 0)
 
 
 class Communicator(ABC):
@@ -151,6 +63,12 @@ class Communicator(ABC):
     ``DISTRIB_DEBUG=1``) every call first compares (collective, shape, dtype,
     op) across ranks through the Coordinator, so a mismatch or a rejected input
     on any rank raises on every rank instead.
+
+    The data calls work unchanged under ``torch.compile`` (``fullgraph=True``
+    too): while Dynamo traces them they record distrib's PyTorch operators,
+    which name this communicator by ``handle`` (an int, unique in the process)
+    and make the same eager call when the compiled code runs. The checks that
+    shapes alone allow run while compiling (see ``_ops.py``).
 
     ``device`` is the CUDA device index of a GPU communicator (ignored by CPU
     ones). Tensors with no elements are accepted and nothing is enqueued.
@@ -206,6 +124,9 @@ class Communicator(ABC):
         return self._reject(Collective.ALL_REDUCE, view, op, 0)
 
     # -- data calls -----------------------------------------------------------
+    # Each works eagerly and under torch.compile: while Dynamo traces the
+    # caller, the call is recorded as one of distrib's PyTorch operators
+    # (see _ops.py), which makes this same eager call when the compiled code runs.
     def all_reduce(self, tensor: Any, op: "ReduceOp | str" = ReduceOp.SUM, *, out: Any = None) -> Any:
         """Reduce ``tensor`` over all ranks with ``op``; every rank gets the result.
 
@@ -213,7 +134,10 @@ class Communicator(ABC):
         dtype and device, not overlapping ``tensor``) the result goes there,
         ``tensor`` is left unchanged, and ``out`` is returned.
         """
-        return _calls.run(self, Collective.ALL_REDUCE, tensor, op, out, 0)
+        if _handles.compiling():
+            from . import _ops
+            return _ops.all_reduce(self, tensor, op, out)
+        return self._run(Collective.ALL_REDUCE, tensor, op, out, 0)
 
     def all_gather(self, tensor: Any, *, out: Any = None) -> Any:
         """Every rank's ``tensor``, concatenated in rank order, on every rank.
@@ -222,7 +146,10 @@ class Communicator(ABC):
         dtype and device) or, without it, a new array of shape
         ``(world_size, *tensor.shape)`` of the input's library.
         """
-        return _calls.run(self, Collective.ALL_GATHER, tensor, ReduceOp.SUM, out, 0)
+        if _handles.compiling():
+            from . import _ops
+            return _ops.all_gather(self, tensor, out)
+        return self._run(Collective.ALL_GATHER, tensor, ReduceOp.SUM, out, 0)
 
     def reduce_scatter(self, tensor: Any, op: "ReduceOp | str" = ReduceOp.SUM, *, out: Any = None) -> Any:
         """Reduce ``tensor`` over all ranks; rank r keeps the r-th of ``world_size`` equal chunks.
@@ -231,11 +158,50 @@ class Communicator(ABC):
         (``numel / world_size`` elements) or, without it, a new array of shape
         ``(shape[0] // world_size, *shape[1:])`` (flat when ``shape[0]`` does not divide).
         """
-        return _calls.run(self, Collective.REDUCE_SCATTER, tensor, op, out, 0)
+        if _handles.compiling():
+            from . import _ops
+            return _ops.reduce_scatter(self, tensor, op, out)
+        return self._run(Collective.REDUCE_SCATTER, tensor, op, out, 0)
 
     def broadcast(self, tensor: Any, src: int = 0) -> Any:
         """Overwrite ``tensor`` on every rank with rank ``src``'s; returns ``tensor``."""
-        return _calls.run(self, Collective.BROADCAST, tensor, ReduceOp.SUM, None, src)
+        if _handles.compiling():
+            from . import _ops
+            return _ops.broadcast(self, tensor, src)
+        return self._run(Collective.BROADCAST, tensor, ReduceOp.SUM, None, src)
+
+    def _run(self, collective: Collective, tensor: Any, op: Any, out: Any, root: int) -> Any:
+        """The eager path of every data call: read the tensor, pick who runs it, check, enqueue.
+
+        Nothing is enqueued until every check has passed, and in debug mode
+        until every rank has shown the same call (or its reason to refuse it).
+        Returns the object holding the result.
+        """
+        if self._closed:
+            raise CommunicatorError(f"this {self.name} communicator is closed; create a new one")
+        try:
+            op = ReduceOp.parse(op)
+            src = _tensors.as_view(tensor)
+            chosen = self._select(collective, src, op, root)  # self, or a dispatcher's member
+            dst = _tensors.output_view(collective, src, out, self.world_size)
+        except DistribError as exc:
+            if self.debug:
+                _consensus.check_peers(self, collective, error=str(exc))
+            raise
+        if self.debug:
+            _consensus.check_peers(self, collective, signature=(
+                collective.value, op.value, src.dtype_name, list(src.shape), root, chosen.name))
+        if not src.numel:  # nothing to move; every rank skips alike, since shapes match
+            return dst.obj
+        if collective is Collective.ALL_REDUCE:
+            chosen._all_reduce(src, dst, op)
+        elif collective is Collective.ALL_GATHER:
+            chosen._all_gather(src, dst)
+        elif collective is Collective.REDUCE_SCATTER:
+            chosen._reduce_scatter(src, dst, op)
+        else:
+            chosen._broadcast(src, root)
+        return dst.obj
 
     @contextmanager
     def capture(self) -> Iterator[None]:
@@ -331,6 +297,7 @@ class Communicator(ABC):
         self.device = _tensors.device_index(device) if self.device_type is DeviceType.CUDA else None
         self.debug = _tensors.debug_enabled(debug)
         self._closed = False
+        self.handle = _handles.register(self)  # how compiled graphs name this communicator
 
     def _reject(self, collective: Collective, view: TensorView, op: ReduceOp, root: int) -> Optional[str]:
         """Why this communicator cannot run ``collective`` on ``view``, or None."""
@@ -355,7 +322,3 @@ def _implemented(cls: type) -> frozenset:
 
 
 communicators: Registry[type[Communicator]] = Registry("communicator", "distrib.communicators")
-
-# Helpers that implement the checks and the call path above; imported last
-# because they use the value types defined here.
-from . import _calls, _consensus, _tensors  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from ..coordinator.api import Coordinator
 from ..errors import CommunicatorError, ConfigError, DistribError
-from . import _calls, _consensus
+from . import _consensus, _handles
 from ._tensors import as_view
 from .api import Collective, Communicator, DeviceType, ReduceOp, TensorView, communicators
 
@@ -114,11 +114,14 @@ class Dispatcher(Communicator):
         which later such calls use after re-checking only what can change
         between them (contiguity, and that ``out`` does not overlap the input).
         """
+        if _handles.compiling():  # torch.compile is tracing: record the operator (see Communicator)
+            from . import _ops
+            return _ops.all_reduce(self, tensor, op, out)
         torch = sys.modules.get("torch")  # a torch tensor implies torch is imported
         if torch is None or self.debug or self._closed or tensor.__class__ is not torch.Tensor:
-            return _calls.run(self, Collective.ALL_REDUCE, tensor, op, out, 0)
+            return self._run(Collective.ALL_REDUCE, tensor, op, out, 0)
         if out is not None and (out.__class__ is not torch.Tensor or out.data_ptr() == tensor.data_ptr()):
-            return _calls.run(self, Collective.ALL_REDUCE, tensor, op, out, 0)
+            return self._run(Collective.ALL_REDUCE, tensor, op, out, 0)
         key = (tensor.dtype, tensor.shape, tensor.device, op,
                None if out is None else (out.dtype, out.shape, out.device))
         fast = self._fast.get(key, _MISSING)
@@ -126,7 +129,7 @@ class Dispatcher(Communicator):
                 out is None or (out.is_contiguous() and _disjoint(tensor, out))):
             fast(tensor, out)
             return tensor if out is None else out
-        result = _calls.run(self, Collective.ALL_REDUCE, tensor, op, out, 0)
+        result = self._run(Collective.ALL_REDUCE, tensor, op, out, 0)
         if fast is _MISSING:
             if len(self._fast) > 1024:
                 self._fast.clear()
@@ -156,8 +159,6 @@ class Dispatcher(Communicator):
     def communicator_for(self, tensor: Any, op: "ReduceOp | str" = ReduceOp.SUM,
                          collective: "Collective | str" = Collective.ALL_REDUCE) -> Optional[Communicator]:
         """The chain member that would run ``collective`` on ``tensor``, or None."""
-        from ._tensors import as_view
-
         try:
             view, op = as_view(tensor), ReduceOp.parse(op)
         except DistribError:

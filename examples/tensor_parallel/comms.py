@@ -38,6 +38,7 @@ class Contender:
     capture: Callable[[], ContextManager] = contextlib.nullcontext
     release: Optional[Callable[[], None]] = None
     details: dict = field(default_factory=dict)  # chain, versions, left-out members and why
+    step: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # one decode step with this all-reduce
 
     def close(self) -> None:
         """Release the communicator (once; later calls do nothing)."""

@@ -108,6 +108,10 @@ def _run(config: dict, ctx, device: torch.device, shape: ModelShape, batches: li
     model = TensorParallelDecoder(DecoderWeights(shape, tp, rank, batches[-1], device, config["seed"]))
     inputs = {b: decode_inputs(shape, b, device, config["seed"]) for b in batches}
 
+    for contender in contenders:
+        contender.step = _stepper(model, contender, config.get("compile"))
+    if config.get("compile"):
+        say(f"decode steps compiled with torch.compile(fullgraph=True, backend={config['compile']!r})")
     check, eager_logits = _check(model, contenders, inputs, coord, config["check_rtol"], say)
     results: list[dict] = []
     memory: list[dict] = []
@@ -179,7 +183,7 @@ def _check(model: TensorParallelDecoder, contenders: list[Contender], inputs: di
             # Sum over ranks of (i % 13 + r + 1): at most 12 tp + tp(tp + 1)/2, exact in bf16.
             ok &= bool(torch.equal(got, (i * tp + tp * (tp + 1) // 2).to(torch.bfloat16)))
         exact[c.label] = _agree(coord, ok)
-    logits = {c.label: {b: model.step(x, c.all_reduce) for b, x in inputs.items()} for c in contenders}
+    logits = {c.label: {b: c.step(x) for b, x in inputs.items()} for c in contenders}
     _synchronize(device)
     reference = next((c.label for c in contenders if c.flag == "torch"), contenders[0].label)
     comparisons = []
@@ -217,6 +221,19 @@ def _check(model: TensorParallelDecoder, contenders: list[Contender], inputs: di
     return check, logits
 
 
+def _stepper(model: TensorParallelDecoder, contender: Contender, backend: Optional[str]):
+    """One decode step with ``contender``'s all-reduce, eager or through torch.compile."""
+    if not backend:
+        return lambda x: model.step(x, contender.all_reduce)
+    # One compiled entry per contender and per static/dynamic batch shape: more than
+    # Dynamo's default limit when every contender runs, so raise it.
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
+    compiled = torch.compile(model.step, fullgraph=True, backend=backend)
+    return lambda x: compiled(x, contender.all_reduce)
+
+
 def _agree(coord, ok: bool) -> bool:
     return all(r == b"1" for r in coord.all_gather(b"1" if ok else b"0"))
 
@@ -228,12 +245,12 @@ def _time_eager(model, contender: Contender, inputs: dict, config: dict, coord) 
     times = {}
     for b, x in inputs.items():
         for _ in range(config["warmup"]):
-            model.step(x, contender.all_reduce)
+            contender.step(x)
         coord.barrier()
         samples = []
         for _ in range(config["steps"]):
             start = time.perf_counter()
-            model.step(x, contender.all_reduce)
+            contender.step(x)
             samples.append((time.perf_counter() - start) * 1e3)
         times[b] = samples
     return times
@@ -250,13 +267,13 @@ def _time_graphs(model, contender: Contender, inputs: dict, eager: dict, config:
         for b in sorted(inputs, reverse=True):  # largest first: smaller ones reuse its pool blocks
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # eager warm-up, off the capture's stream
+            with torch.cuda.stream(side):  # eager warm-up (and compilation), off the capture's stream
                 for _ in range(2):
-                    model.step(inputs[b], contender.all_reduce)
+                    contender.step(inputs[b])
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = model.step(inputs[b], contender.all_reduce)
+                out = contender.step(inputs[b])
             graphs[b] = (graph, out)
             probe.sample()
     torch.cuda.synchronize(device)
