@@ -49,7 +49,7 @@ def _launch(fn, nprocs, *args, timeout=900, **kwargs):
 def _scenarios_worker(reps: int) -> dict:
     ctx = distrib.init()
     world = ctx.info.world_size
-    out = {"late_peer": failstop.late_peer_rounds(reps, world - 1)}
+    out = {"late_peer": failstop.late_peer_rounds(reps, world - 1, timeout=0.2, stall=0.6, calls=7)}
     out["wrap"] = [failstop.counters_across_the_wrap(3000)[0] for _ in range(max(1, reps // 10))]
     out["two_streams"] = [failstop.two_streams(2000) for _ in range(max(1, reps // 10))]
     out["replay_before_registration"] = [failstop.replay_before_registration() for _ in range(reps)]

@@ -90,14 +90,14 @@ def late_peer(mode: str, algorithm: str, stall_rank: int, *, timeout: float = 0.
     return outcomes
 
 
-def late_peer_rounds(reps: int, stall_rank: int) -> dict:
-    """Every (mode, algorithm) scenario ``reps`` times: outcomes, with the first failure seen."""
+def late_peer_rounds(reps: int, stall_rank: int, **options) -> dict:
+    """Every (mode, algorithm) scenario ``reps`` times (``options``: :func:`late_peer`'s)."""
     results = {}
     for mode in ("eager", "graph"):
         for algorithm in ALGORITHMS:
             runs = []
             for _ in range(reps):
-                runs.append(late_peer(mode, algorithm, stall_rank))
+                runs.append(late_peer(mode, algorithm, stall_rank, **options))
             results[f"{mode}/{algorithm}"] = runs
     return results
 

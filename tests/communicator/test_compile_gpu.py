@@ -34,7 +34,7 @@ def _devices(communicator: str) -> list[int]:
 
 def _launch(fn, devices: list[int], *args, **kwargs):
     return distrib.launch(fn, len(devices), args=args, kwargs=kwargs, devices=devices,
-                          start_method="spawn", timeout=600)
+                          share_gpu=len(set(devices)) < len(devices), start_method="spawn", timeout=600)
 
 
 @pytest.mark.parametrize("name", ["custom", "nccl"])
