@@ -196,6 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"op-overhead benchmark: {args.nprocs} {args.device} ranks, {args.size} bytes", file=sys.stderr)
     devices = [int(d) for d in args.devices.split(",")] if gpu and args.devices else None
     per_rank = launch(run_rank, args.nprocs, args=(config,), devices=devices if gpu else "cpu",
+                      share_gpu=bool(devices) and len(set(devices)) < len(devices),
                       start_method="spawn" if gpu else "forkserver", timeout=args.timeout)
     first = per_rank[0]
     meta = {"device": args.device, "nprocs": args.nprocs, "device_name": first["device_name"],
