@@ -24,6 +24,7 @@ import atexit
 import faulthandler
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -62,8 +63,8 @@ def start(environ: Mapping[str, str] = os.environ) -> bool:
         except ValueError:
             logger.warning("not starting the control agent: RANK or %s is not a number", INTERVAL_VAR)
             return False
-        _register_faulthandler(environ.get(STACK_FILE_VAR))
-        _agent = _Agent(endpoint, secret, rank, max(0.05, interval))
+        dumps = _register_faulthandler(environ.get(STACK_FILE_VAR))
+        _agent = _Agent(endpoint, secret, rank, max(0.05, interval), dumps)
         atexit.register(stop)
         return True
 
@@ -88,23 +89,35 @@ def report_stuck(what: str) -> None:
 _stack_file = None  # kept open for faulthandler, which writes to its descriptor
 
 
-def _register_faulthandler(path: Optional[str]) -> None:
+def _register_faulthandler(path: Optional[str]) -> bool:
+    """Dump every thread's stack to ``path`` on DUMP_SIGNAL; whether that is in place.
+
+    Where it is not, the signal is ignored rather than left fatal, and the
+    hello says so: the launcher then never sends it here.
+    """
     global _stack_file
     if not path or DUMP_SIGNAL is None:
-        return
+        return False
     try:
         _stack_file = open(path, "w")
         _stack_file.write(f"{MAIN_MARK}{threading.main_thread().ident:#x}\n")
         _stack_file.flush()
         faulthandler.register(DUMP_SIGNAL, file=_stack_file, all_threads=True, chain=False)
+        return True
     except (OSError, ValueError, RuntimeError) as exc:
         logger.warning("stack dumps on signal are unavailable in this process: %s", exc)
+        try:
+            signal.signal(DUMP_SIGNAL, signal.SIG_IGN)
+        except (OSError, ValueError):  # not the main thread
+            pass
+        return False
 
 
 class _Agent:
-    def __init__(self, endpoint: str, secret: str, rank: int, interval: float):
+    def __init__(self, endpoint: str, secret: str, rank: int, interval: float, dumps: bool = False):
         self.pid = os.getpid()
         self.rank = rank
+        self.dumps = dumps  # DUMP_SIGNAL writes this process's stacks (else it is ignored)
         self.interval = interval
         self.host = socket.gethostname()
         self._endpoint = endpoint
@@ -140,7 +153,8 @@ class _Agent:
         next_id = 0
         try:
             sock.connect(self._endpoint)
-            self._send(sock, {"t": "hello", "rank": self.rank, "host": self.host, "pid": self.pid})
+            self._send(sock, {"t": "hello", "rank": self.rank, "host": self.host, "pid": self.pid,
+                              "dumps": self.dumps})
             next_beat = time.monotonic() + self.interval
             while not self._stop.is_set():
                 with self._stuck_lock:

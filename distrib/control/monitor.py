@@ -39,6 +39,7 @@ class _Rank:
     pid: Optional[int] = None
     stack_file: Optional[str] = None
     identity: Optional[bytes] = None   # the agent's connection, once it said hello
+    dumps: bool = False                # its hello said DUMP_SIGNAL dumps its stacks
     host: str = ""
     last_beat: Optional[float] = None  # time.monotonic() of the last message from it
     silent_reported: bool = False
@@ -148,6 +149,7 @@ class Monitor:
         if entry.identity is not None:
             self._by_identity.pop(entry.identity, None)
         entry.identity, entry.host, entry.pid = identity, host, pid
+        entry.dumps = message.get("dumps") is True
         entry.last_beat, entry.silent_reported = time.monotonic(), False
         self._by_identity[identity] = rank
         self._send(identity, {"t": "welcome"})
@@ -210,9 +212,10 @@ class Monitor:
         signalled: dict[int, int] = {}
         for rank in ranks:
             entry = self._ranks.get(rank)
-            # Only a rank that said hello has registered the signal: to any other
-            # process it would be fatal.
-            if entry is None or entry.identity is None or not entry.stack_file or DUMP_SIGNAL is None:
+            # Only a rank whose hello said it registered the signal gets it: to any
+            # other process it would be fatal.
+            if entry is None or entry.identity is None or not entry.dumps or not entry.stack_file \
+                    or DUMP_SIGNAL is None:
                 continue
             try:
                 offset = os.path.getsize(entry.stack_file)
