@@ -67,10 +67,18 @@ def rank_main(config: dict) -> Optional[dict]:
                            else "eager steps timed with the wall clock (CPU: no CUDA graphs)")),
                 timing_ranks="per step, the slowest rank's time; then the median over steps",
                 environment={"NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE") if gpu else None})
+    if config.get("shared_gpu"):
+        meta.update(gpus=len(set(config["devices"])), shared_gpu=(
+            f"{record['tp']} ranks on {len(set(config['devices']))} GPU(s): a correctness run. The timings "
+            "do not measure communication (the ranks' kernels share one GPU)"))
     summary = report.summarize(meta, record)
     device_tag = "CPU" if not gpu else summary["meta"]["device_name"].split()[-1]
-    out = Path(config["out"]) if config["out"] else REPO / "benchmarks" / "results" / f"{record['tp']}x{device_tag}"
+    folder = (f"{meta['gpus']}x{device_tag}/shared-tp{record['tp']}" if config.get("shared_gpu")
+              else f"{record['tp']}x{device_tag}")
+    out = Path(config["out"]) if config["out"] else REPO / "benchmarks" / "results" / folder
     print(report.console(summary), flush=True)
+    if config.get("shared_gpu"):
+        print(f"NOTE: {meta['shared_gpu']}.", flush=True)
     for line in report.write(summary, out):
         print(line, file=sys.stderr)
     return {"out": str(out), "check_passed": summary["check"]["passed"]}
@@ -116,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ranks = tensor-parallel degree (default every visible GPU; 2 on CPU); "
                              "under distrib-run the launch decides")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--devices", default=None, metavar="0,0",
+                        help="the GPU of each rank; a repeated GPU is shared (0,0: TP 2 on one GPU, for "
+                             "correctness only: timings then do not measure communication; only the "
+                             "dispatcher runs, NCCL refuses two ranks on one GPU)")
+    parser.add_argument("--check-tp1", action="store_true",
+                        help="also check the logits against one unsplit model on rank 0 (TP=1; on by "
+                             "default when ranks share a GPU)")
     parser.add_argument("--out", default=None,
                         help="output directory (default benchmarks/results/<N>x<GPU>, e.g. 4xH200)")
     parser.add_argument("--seed", type=int, default=0, help="weights, KV cache and inputs (default 0)")
@@ -141,9 +156,24 @@ def config_from(args: argparse.Namespace, world_size: Optional[int]) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to this PyTorch")
-    nprocs = world_size or args.nprocs or (torch.cuda.device_count() if device == "cuda" else 2)
-    if device == "cuda" and world_size is None and nprocs > torch.cuda.device_count():
-        raise SystemExit(f"--nprocs {nprocs}: only {torch.cuda.device_count()} GPUs are visible")
+    devices = [int(d) for d in args.devices.split(",")] if args.devices else None
+    if devices is not None and device != "cuda":
+        raise SystemExit("--devices names GPUs; it needs --device cuda (or a visible GPU)")
+    if devices is not None and args.nprocs not in (None, len(devices)):
+        raise SystemExit(f"--nprocs {args.nprocs} but --devices names {len(devices)} GPUs")
+    shared = devices is not None and len(set(devices)) < len(devices)
+    comms = tuple(args.comm)
+    if shared:
+        refused = [c for c in comms if c != "dispatcher"]
+        if refused and args.comm != COMM_FLAGS:
+            raise SystemExit(f"--comm {','.join(refused)}: NCCL refuses two ranks on one GPU, and "
+                             "--devices repeats one; only the dispatcher (custom kernel) runs there")
+        comms = ("dispatcher",)
+    nprocs = world_size or (len(devices) if devices else None) or args.nprocs or (
+        torch.cuda.device_count() if device == "cuda" else 2)
+    if device == "cuda" and world_size is None and devices is None and nprocs > torch.cuda.device_count():
+        raise SystemExit(f"--nprocs {nprocs}: only {torch.cuda.device_count()} GPUs are visible "
+                         "(--devices 0,0,... shares one)")
     steps = args.steps if args.steps is not None else (100 if device == "cuda" else 10)
     warmup = args.warmup if args.warmup is not None else (10 if device == "cuda" else 2)
     for name, value, least in (("--nprocs", nprocs, 1), ("--steps", steps, 1), ("--warmup", warmup, 0),
@@ -157,7 +187,8 @@ def config_from(args: argparse.Namespace, world_size: Optional[int]) -> dict:
     from distrib.bench.allreduce import git_commit
 
     return {"model": model, "layers": args.layers, "batch_sizes": list(args.batch_sizes), "steps": steps,
-            "warmup": warmup, "comms": list(args.comm), "device": device, "nprocs": nprocs, "seed": args.seed,
+            "warmup": warmup, "comms": list(comms), "device": device, "nprocs": nprocs, "seed": args.seed,
+            "devices": devices, "shared_gpu": shared, "check_tp1": args.check_tp1 or shared,
             "check_rtol": args.check_rtol, "break_comm": args.break_comm, "out": args.out, "compile": args.compile,
             "commit": args.commit or git_commit(), "host": platform.node(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -178,7 +209,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{','.join(config['comms'])}", file=sys.stderr, flush=True)
     try:
         results = distrib.launch(rank_main, config["nprocs"], args=(config,), timeout=args.timeout,
-                                 devices=None if gpu else "cpu", start_method="spawn" if gpu else "forkserver")
+                                 devices=(config["devices"] if gpu else "cpu"), share_gpu=config["shared_gpu"],
+                                 start_method="spawn" if gpu else "forkserver")
     except distrib.WorkerFailedError as exc:
         print(f"[tp-decode] failed: {exc}", file=sys.stderr)
         return 1

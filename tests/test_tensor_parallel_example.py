@@ -157,3 +157,19 @@ def test_the_compiled_decode_step_gives_the_same_logits(tmp_path):
     assert check["passed"] is True and check["exact_all_reduce"] == {"distrib:dispatcher": True, "torch:gloo": True}
     assert [(c["comm"], c["batch"]) for c in check["logits"]] == [("distrib:dispatcher", 2)]
     assert all(c["rel_err"] <= check["rtol"] for c in check["logits"])
+
+
+def test_the_split_model_is_checked_against_one_unsplit_model(tmp_path):
+    result = _run_example(tmp_path, "--check-tp1", "--comm", "dispatcher")
+    assert result.returncode == 0, result.stdout + result.stderr
+    check = json.loads((tmp_path / "tp-decode-tiny.json").read_text())["check"]
+    assert [r["batch"] for r in check["vs_tp1"]] == [1, 4]
+    # Only the rounding of the partial sums differs (bf16): ~1% of the logits' norm.
+    assert all(r["finite"] and 0 < r["rel_err"] < 0.03 for r in check["vs_tp1"]), check["vs_tp1"]
+    assert "vs one unsplit model (TP=1)" in result.stderr
+
+
+def test_shared_gpus_are_for_gpus():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--devices", "0,0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--devices names GPUs" in result.stderr

@@ -113,6 +113,10 @@ def _run(config: dict, ctx, device: torch.device, shape: ModelShape, batches: li
     if config.get("compile"):
         say(f"decode steps compiled with torch.compile(fullgraph=True, backend={config['compile']!r})")
     check, eager_logits = _check(model, contenders, inputs, coord, config["check_rtol"], say)
+    if config.get("check_tp1"):
+        reference = check["reference"]
+        check["vs_tp1"] = _check_against_tp1(shape, config["seed"], eager_logits[reference], inputs, coord,
+                                             config["check_rtol"], say, reference)
     results: list[dict] = []
     memory: list[dict] = []
     for contender in contenders:
@@ -219,6 +223,36 @@ def _check(model: TensorParallelDecoder, contenders: list[Contender], inputs: di
     say(f"logits check passed: {len(contenders)} contenders, reference {reference}"
         + ("" if comparisons else " (only one contender: nothing to compare)"))
     return check, logits
+
+
+def _check_against_tp1(shape: ModelShape, seed: int, logits: dict, inputs: dict, coord, rtol: float, say,
+                       label: str) -> list[dict]:
+    """The TP logits (every rank's vocabulary shard, gathered) against one unsplit model on rank 0."""
+    rank = coord.rank
+    gathered = {b: coord.all_gather(logits[b].float().cpu().contiguous().numpy().tobytes()) for b in inputs}
+    results = []
+    if rank == 0:
+        device = next(iter(inputs.values())).device
+        whole = TensorParallelDecoder(DecoderWeights(shape, 1, 0, max(inputs), device, seed))
+        for b, x in inputs.items():
+            expected = whole.step(x, lambda t: t).float().cpu()
+            split = torch.cat([torch.frombuffer(bytearray(r), dtype=torch.float32).view(b, -1)
+                               for r in gathered[b]], dim=-1)
+            results.append({"batch": b, "rel_err": ((split - expected).norm()
+                                                    / expected.norm().clamp_min(1e-30)).item(),
+                            "finite": bool(torch.isfinite(split).all())})
+        del whole
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    results = json.loads(coord.broadcast(json.dumps(results).encode(), src=0))
+    bad = [r for r in results if not (r["finite"] and r["rel_err"] <= rtol)]
+    for r in results:
+        say(f"check {label} (TP={coord.world_size}) vs one unsplit model (TP=1), batch {r['batch']}: "
+            f"relative error {r['rel_err']:.3g} (tolerance {rtol:g})")
+    if bad:
+        raise CheckFailed("logits check against TP=1 FAILED, nothing was timed:\n  " + "\n  ".join(
+            f"batch {r['batch']}: relative error {r['rel_err']:.3g} > {rtol:g}" for r in bad))
+    return results
 
 
 def _stepper(model: TensorParallelDecoder, contender: Contender, backend: Optional[str]):
