@@ -192,13 +192,14 @@ def main(argv=None) -> int:
                         choices=["scenarios", "abort", "cost"])
     parser.add_argument("--rounds", type=int, default=30, help="cost: alternating measurement rounds")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     gpu = _gpu_name()
     for index, world in enumerate(args.nprocs):
         record = {"meta": {"world_size": world, "gpus": visible_gpus(), "gpu": gpu,
                            "placement": placement(world), "date": datetime.now(timezone.utc).isoformat(),
-                           "commit": _commit(), "reps": args.reps}}
+                           "commit": args.commit or _commit(), "reps": args.reps}}
         if "scenarios" in args.parts:
             record["scenarios"] = _tally(_launch(_scenarios_worker, world, args.reps), world)
         if "abort" in args.parts:
