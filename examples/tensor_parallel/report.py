@@ -88,8 +88,9 @@ def _memory_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
 
 def _title(summary: dict) -> str:
     m = summary["meta"]
+    gpus = m.get("gpus") or m["tp"]
     return (f"Tensor-parallel decode: {m['model']['name']}, {m['layers_note']}, TP={m['tp']} on "
-            f"{m['tp']} × {m['device_name']}")
+            f"{gpus} × {m['device_name']}" + (" (ranks share it)" if m.get("shared_gpu") else ""))
 
 
 def _method(summary: dict) -> str:
@@ -253,7 +254,7 @@ def plot(summary: dict, path: Path) -> Optional[str]:
                          "all-reduces)", fontsize=10)
         memory.legend(fontsize=8)
         memory.grid(True, axis="y", alpha=0.3)
-    figure.suptitle(f"{m['model']['name']} ({m['layers']} layers), TP={m['tp']}, {m['tp']} × {m['device_name']} "
+    figure.suptitle(f"{m['model']['name']} ({m['layers']} layers), TP={m['tp']}, {m.get('gpus') or m['tp']} × {m['device_name']} "
                     f"— {m['date'][:10]}, {m['commit'][:12]}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
