@@ -81,7 +81,7 @@
 // every rank either finished exactly (it completed before the poison reached
 // it) or returns NaN and the host raises.
 //
-// Why a barrier kernel's output is never silently wrong: a block keeps its
+// Why a barrier kernel's output is not silently wrong: a block keeps its
 // output only if it passes its *last* barrier, which needs the same block of
 // every peer to have arrived there in the same call, i.e. to have finished
 // reading this rank's data and to have staged its own before the first
@@ -89,6 +89,14 @@
 // so the peers' blocks waiting there give up too (they see the poison, or
 // time out) and write NaN. Staging by a poisoned rank can therefore only
 // corrupt reads whose results are thrown away.
+// KNOWN GAP: a rank that gives up *at the last barrier* has already posted
+// its arrival there. If a peer's block stalled for the whole timeout between
+// the first and the last barrier (inside one kernel) and was still reading
+// when the rank that gave up moved on and overwrote its staging buffer (or
+// its caller its input), that peer finds the arrival posted, passes without
+// spinning, and so never reads its poison word: a torn sum could be kept.
+// The fix to make: read the poison word after the arrival is seen (ordered
+// after this block's reads), not only while spinning. Not yet measured.
 //
 // Why a Lamport result is never silently wrong: a poisoned rank pushes
 // nothing more (it checks its poison word before its first push), so peers
