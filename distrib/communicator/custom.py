@@ -20,12 +20,13 @@ inside ``capture()`` before the graph starts still take the eager path.
 Fail-stop: a kernel that gives up waiting for a peer writes NaN into its
 output and stops the communicator on every rank; a watchdog thread then ends
 the process with a report (``on_error="abort"``, the default) or every later
-call raises (``on_error="raise"``). No call ever returns a wrong sum that
-looks right.
+call raises (``on_error="raise"``), so that a late peer never yields a wrong
+sum that looks right (one known gap is described in the kernel's comments).
 
 Ranks may share a GPU (the launchers' ``share_gpu`` mode): CUDA IPC works
 between processes on one device, and the kernels' block counts are capped so
-that the blocks of every rank on a GPU fit on it at once.
+that the blocks of every rank on a GPU fit on it at once, beside their other
+kernels (see ``CustomAllReduceEngine``).
 """
 from __future__ import annotations
 
