@@ -17,12 +17,14 @@ import os
 import pickle
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import time
 import traceback
 import uuid
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from .._text import format_ranks
@@ -31,7 +33,9 @@ from ..info import LaunchInfo
 from .api import Launcher, launchers
 from ._devices import assign_devices
 from ._hangwatch import HangWatch
-from ._process import die_with_parent, signal_name, terminate_trees
+from ._process import (die_with_parent, record_stop_signals, restore_signals, signal_name,
+                       stop_processes)
+from .._network import loopback_gloo_env
 
 __all__ = ["MultiprocessingLauncher", "launch"]
 
@@ -64,9 +68,9 @@ class MultiprocessingLauncher(Launcher):
         _check_arguments(target, nprocs, timeout)
         device_of = _assign_devices(devices, nprocs)
         launch_id = launch_id or uuid.uuid4().hex
-        from .._store import AGENT_STORE_VAR, host_store
+        from .._store import AGENT_STORE_VAR, host_store, store_host
 
-        store, port = host_store(launch_id, nprocs, port=master_port)
+        store, port = host_store(launch_id, nprocs, port=master_port, host=store_host("127.0.0.1", 1))
         secret = secrets.token_hex(16)
         ctx = mp.get_context(self.start_method)
         if self.start_method == "forkserver":
@@ -76,8 +80,15 @@ class MultiprocessingLauncher(Launcher):
         scratch = tempfile.mkdtemp(prefix="distrib-launch-")
         hangwatch = HangWatch(secret, _note, scratch)
         hangwatch.install_signal()
+        # A single-node launch talks over loopback only: gloo too (the store and the
+        # monitor bind it already), unless the caller chose an interface.
+        env = {**loopback_gloo_env(), **(env or {})}
+        signals: list[int] = []
+        previous_handlers = record_stop_signals(signals)  # Ctrl-C/SIGTERM: stop in order, below
         try:
             for rank in range(nprocs):
+                if signals:
+                    break
                 info = LaunchInfo(launch_id=launch_id, rank=rank, world_size=nprocs,
                                   local_rank=rank, local_world_size=nprocs, node_rank=0,
                                   nnodes=1, master_addr="127.0.0.1", master_port=port,
@@ -86,18 +97,27 @@ class MultiprocessingLauncher(Launcher):
                               **hangwatch.worker_env(rank)}
                 if device_of[rank] is not None:
                     worker_env["DISTRIB_DEVICE"] = str(device_of[rank])
-                workers.append(_Worker.start(ctx, rank, target, tuple(args), dict(kwargs or {}),
-                                             worker_env, device_of[rank]))
+                workers.append(_Worker(ctx, rank, target, tuple(args), dict(kwargs or {}),
+                                       worker_env, device_of[rank]))
+                workers[-1].start()
                 hangwatch.watch(rank, workers[-1].process.pid)
-            return _supervise(workers, timeout, hangwatch)
+            results = _supervise(workers, timeout, hangwatch, signals)
+            if signals and signals[0] == signal.SIGINT:
+                raise KeyboardInterrupt  # as Python would have, now raised where we stop the ranks
+            return results
         finally:
+            # Workers first (whatever stage each is in), then what they use: the
+            # monitor, the scratch folder their stack files live in, the store.
+            stop_processes(workers, grace=self.grace,
+                           cut_short=lambda: len(signals) > 1)  # a second Ctrl-C: no grace
+            for w in workers:
+                w.conn.close()
             hangwatch.close()
             shutil.rmtree(scratch, ignore_errors=True)
-            terminate_trees([w.process.pid for w in workers if w.process.pid], self.grace)
-            for w in workers:
-                w.process.join(timeout=5)
-                w.conn.close()
             del store
+            restore_signals(previous_handlers)
+            if signals and signals[0] == signal.SIGTERM:
+                os.kill(os.getpid(), signal.SIGTERM)  # die of it, as without us, now that ranks are stopped
 
 
 def launch(fn: Callable, nprocs: int, args: Sequence = (), kwargs: Optional[Mapping[str, Any]] = None,
@@ -128,26 +148,39 @@ def launch(fn: Callable, nprocs: int, args: Sequence = (), kwargs: Optional[Mapp
 # -- parent side --------------------------------------------------------------
 
 class _Worker:
-    def __init__(self, rank: int, process, conn):
+    def __init__(self, ctx, rank, target, args, kwargs, env, device):
         self.rank = rank
-        self.process = process
-        self.conn = conn
         self.result: Any = _NO_RESULT
         self.failure: Optional[WorkerFailure] = None
         self.conn_open = True
-
-    @classmethod
-    def start(cls, ctx, rank, target, args, kwargs, env, device) -> "_Worker":
-        parent_end, child_end = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=_worker_main, name=f"distrib-rank{rank}", daemon=False,
-                              args=(target, args, kwargs, env, device, os.getpid(), child_end))
+        # The target travels pickled and is unpickled by the worker once it leads its
+        # group and dies with us: importing its module (which may take seconds, or fail)
+        # then happens where a stop reaches it and a failure is reported with its traceback.
         try:
-            process.start()
+            target_bytes = bytes(ForkingPickler.dumps(target))
         except Exception as exc:
-            raise LaunchError(f"could not start rank {rank}: {type(exc).__name__}: {exc}") from exc
+            raise LaunchError(f"could not start rank {rank}: the function cannot be pickled "
+                              f"({type(exc).__name__}: {exc}); expected a module-level function") from exc
+        self.conn, self._child_end = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_worker_main, name=f"distrib-rank{rank}", daemon=False,
+                                   args=(target_bytes, args, kwargs, env, device, os.getpid(),
+                                         self._child_end))
+
+    def start(self) -> None:
+        try:
+            self.process.start()
+        except Exception as exc:
+            raise LaunchError(f"could not start rank {self.rank}: {type(exc).__name__}: {exc}") from exc
         finally:
-            child_end.close()
-        return cls(rank, process, parent_end)
+            self._child_end.close()
+
+    # What stop_processes needs: the pid, and the exit status once it ended (reaping it).
+    @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid
+
+    def poll(self) -> Optional[int]:
+        return self.process.exitcode if self.process.pid else None
 
     def read(self) -> None:
         """Take the worker's report, if it sent one."""
@@ -188,10 +221,14 @@ class _Worker:
                                          message="exited without returning (os._exit?)")
 
 
-def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: HangWatch) -> list[Any]:
+def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: HangWatch,
+               signals: list[int]) -> list[Any]:
     deadline = None if timeout is None else time.monotonic() + timeout
     running = {w.rank: w for w in workers}
+    settle_until = None
     while running:
+        if signals:
+            return []  # the caller stops the ranks, then raises KeyboardInterrupt or dies of SIGTERM
         waitables = {}
         for w in running.values():
             waitables[w.process.sentinel] = (w, "exit")
@@ -208,6 +245,12 @@ def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: Hang
                 worker.exited()
                 running.pop(worker.rank, None)
         failed = [w.failure for w in workers if w.failure is not None]
+        if failed and all(f.follows_a_peer for f in failed) and running:
+            # A rank that lost a peer: the peer's own death (its exit, or its report) is
+            # the root cause, and may be a moment behind on this side of the pipes.
+            settle_until = settle_until or time.monotonic() + _SETTLE
+            if time.monotonic() < settle_until:
+                continue
         if failed:
             raise WorkerFailedError(failed)
         if deadline is not None and not ready and time.monotonic() >= deadline:
@@ -218,10 +261,14 @@ def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: Hang
                 f"launch timed out after {timeout:g}s; ranks {format_ranks(still)} were still running "
                 "and have been stopped" + (f"\n{where}" if where else ""), missing=still)
         hangwatch.check(set(running), 0.0)
+    failed = [w.failure for w in workers if w.failure is not None]
+    if failed:  # every rank ended while a lost-peer error waited for its cause
+        raise WorkerFailedError(failed)
     return [w.result for w in workers]
 
 
 _POLL = 0.05  # seconds between looks at the control monitor
+_SETTLE = 0.25  # seconds a lost-peer error waits for the failure that caused it
 
 
 def _note(text: str) -> None:
@@ -257,7 +304,7 @@ def _assign_devices(devices: Devices, nprocs: int) -> list[Optional[int]]:
 _NO_RESULT = object()
 
 
-def _worker_main(target, args, kwargs, env, device, parent_pid, conn) -> None:
+def _worker_main(target_bytes, args, kwargs, env, device, parent_pid, conn) -> None:
     os.setpgrp()  # lead a group: the launcher stops this worker and its children together
     die_with_parent(parent_pid)
     os.environ.update(env)
@@ -266,6 +313,7 @@ def _worker_main(target, args, kwargs, env, device, parent_pid, conn) -> None:
     agent.start()  # heartbeats and stack snapshots for the launcher
     code = 0
     try:
+        target = pickle.loads(target_bytes)  # imports the function's module, here and now
         if device is not None:
             import torch
 

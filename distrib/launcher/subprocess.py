@@ -181,21 +181,23 @@ class _Launch:
         single node only the port is bound here (``listener``), so that the
         workers start while torch is imported for the store.
         """
-        from .._store import bind_listener, host_store
+        from .._store import bind_listener, host_store, store_host
         from ..ports import port_for_launch_id
 
         options = self.options
         if not self.multi_node:
             launch_id = options.launch_id or uuid.uuid4().hex
-            listener, port = bind_listener(launch_id, options.master_port)
-            return None, listener, launch_id, port, options.master_addr or "127.0.0.1"
+            master_addr = options.master_addr or "127.0.0.1"
+            listener, port = bind_listener(launch_id, options.master_port, store_host(master_addr, 1))
+            return None, listener, launch_id, port, master_addr
         port = options.master_port
         launch_id = options.launch_id or f"{options.master_addr}:{port}"
         if port is None:  # every node derives the same port; no probing (others could not follow)
             port = port_for_launch_id(launch_id)
         if options.node_rank == 0:
             store, port = host_store(launch_id, options.nnodes, port=port,
-                                     timeout=options.rdzv_timeout)
+                                     timeout=options.rdzv_timeout,
+                                     host=store_host(options.master_addr, options.nnodes))
         else:
             from ._rendezvous import NodeRendezvous
 

@@ -147,3 +147,18 @@ def test_broadcast_channel_across_hosts_uses_shared_memory_on_the_writers_host_a
         assert all(c["ok"] for c in record["channels"]), record
         first, second = (c["endpoint"] for c in record["channels"])
         assert first.startswith(f"tcp://{ADDRESSES[0]}:") and second.startswith(f"tcp://{ADDRESSES[1]}:")
+
+
+def test_each_host_listens_only_on_its_own_address_and_loopback(two_hosts):
+    nodes = [_node(two_hosts, k, "--show-ranks", "0-3", script("listening.py")) for k in (1, 0)]
+    (out1, err1), (out0, err0) = _finish(*nodes, timeout=150)
+    assert nodes[1].returncode == 0, err0
+    assert nodes[0].returncode == 0, err1
+    records = [json.loads(line) for out in (out0, out1)
+               for line in re.findall(r"^\[\d\] RESULT (.*)$", out, re.M)]
+    assert sorted(r["rank"] for r in records) == [0, 1, 2, 3]
+    assert ADDRESSES[0] in next(r for r in records if r["rank"] == 0)["launcher_listens"]  # the store
+    for record in records:
+        allowed = {"127.0.0.1", "::1", ADDRESSES[record["node"]]}
+        listens = set(record["rank_listens"] + record["launcher_listens"])
+        assert listens <= allowed, (record, "a wildcard or another host's address")
