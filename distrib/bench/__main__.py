@@ -5,7 +5,8 @@ import sys
 
 BENCHMARKS = {"allreduce": "distrib.bench.allreduce",
               "channel": "distrib.bench.channel",
-              "custom-crossover": "distrib.bench.custom_crossover"}
+              "custom-crossover": "distrib.bench.custom_crossover",
+              "faults": "distrib.bench.faults"}
 
 
 def main(argv=None) -> int:
