@@ -19,7 +19,7 @@ by repetition. Per scenario it reports:
 ``--sections leaks`` adds the load-and-leak run (barriers and broadcasts on 8 ranks,
 launches in a row; see :mod:`distrib.bench._fault_leaks`) and ``startup`` the start-up
 comparison with ``torch.multiprocessing.spawn``. Writes ``faults.json`` and
-``faults.md`` to ``--out``.
+``faults.md`` to ``--out`` (``faults-<sections>.*`` for a run without the faults).
 """
 from __future__ import annotations
 
@@ -255,9 +255,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         report["startup"] = startup()
         print(json.dumps(report["startup"], indent=1), flush=True)
-    (out / "faults.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "faults.md").write_text(markdown(report))
-    print(f"wrote {out / 'faults.json'} and {out / 'faults.md'}")
+    stem = "faults" if "faults" in sections else "faults-" + "-".join(sorted(sections))
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(report))
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
     return 0
 
 
