@@ -134,7 +134,10 @@ def stop_processes(processes: Sequence[Stoppable], first_signal: int = signal.SI
     miss it: each process gets ``first_signal`` itself (while it is our
     unreaped child, so its pid cannot belong to anyone else) and through its
     group, and a group that appears later (the worker called ``setpgrp`` after
-    the first signal) gets it too. What is still alive after ``grace`` seconds
+    the first signal) gets it too. A SIGINT (Ctrl-C, passed on) that has not
+    ended a process within a second is followed by SIGTERM: Python acts on
+    SIGINT only between bytecodes, so a rank blocked in a C call would not see
+    it. What is still alive after ``grace`` seconds
     (or when ``cut_short()`` says so) gets SIGKILL, again and again, until
     every process is reaped and every group is empty. A process that SIGKILL
     cannot end within ``unkillable_wait`` seconds (uninterruptible sleep) is
@@ -146,6 +149,7 @@ def stop_processes(processes: Sequence[Stoppable], first_signal: int = signal.SI
     signalled_groups: set[int] = set()
     signum = first_signal
     kill_deadline = time.monotonic() + grace
+    interrupt_deadline = time.monotonic() + min(_INTERRUPT_WAIT, grace)
     give_up = None
     while True:
         live = [p for p in processes if p.poll() is None]
@@ -153,6 +157,12 @@ def stop_processes(processes: Sequence[Stoppable], first_signal: int = signal.SI
         if not live and not live_groups:
             return
         now = time.monotonic()
+        if signum == signal.SIGINT and now >= interrupt_deadline:
+            # Python sees SIGINT only between bytecodes: a rank blocked in a C call (a
+            # collective, an import) goes on. SIGTERM ends it, unless it handles that too.
+            signum = signal.SIGTERM
+            signalled_pids.clear()
+            signalled_groups.clear()
         if signum != signal.SIGKILL and (now >= kill_deadline or cut_short()):
             signum = signal.SIGKILL
             give_up = now + unkillable_wait
@@ -183,6 +193,7 @@ def _leads_group(pid: int) -> bool:
 
 
 _STOP_POLL = 0.02  # seconds between looks while stopping
+_INTERRUPT_WAIT = 1.0  # seconds a SIGINT has to stop a process before SIGTERM follows
 
 
 def _kill(pid: int, signum: int) -> None:

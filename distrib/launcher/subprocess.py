@@ -23,13 +23,14 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from typing import Callable, Optional
 
 from .._text import format_ranks
 from ..errors import (ConfigError, CoordinatorError, DistribError, DistribTimeoutError,
-                      WorkerFailedError, WorkerFailure)
+                      LaunchError, WorkerFailedError, WorkerFailure)
 from ..info import LaunchInfo
 from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR
 from ._devices import assign_devices, auto_nprocs
@@ -154,11 +155,11 @@ class _Launch:
                     break
             if listener is not None:
                 # The workers are starting; the store takes over the socket they connect to.
-                from .._store import host_store
-
-                store, _ = host_store(launch_id, 1, timeout=options.rdzv_timeout, listener=listener)
+                # Beside the supervision, not before it: importing torch for the store takes
+                # seconds, and a rank that fails meanwhile must stop the launch at once.
+                store = _StoreInBackground(launch_id, options.rdzv_timeout, listener)
                 listener = None
-            return self._supervise()
+            return self._supervise(store if isinstance(store, _StoreInBackground) else None)
         finally:
             self._stop(signal.SIGTERM)
             restore_signals(previous_handlers)
@@ -248,11 +249,13 @@ class _Launch:
             env["DISTRIB_DEVICE"] = str(device)
 
     # -- supervision ----------------------------------------------------------
-    def _supervise(self) -> list[int]:
+    def _supervise(self, background_store: Optional["_StoreInBackground"] = None) -> list[int]:
         options = self.options
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         next_remote = 0.0
         while True:
+            if background_store is not None:
+                background_store.check()
             codes = [w.poll() for w in self.workers]
             # A failure counts once its process has exited (so that its traceback is
             # printed in full); its error record's time still makes it the root cause.
@@ -393,6 +396,35 @@ class _Launch:
                 f"distrib-run received {signal_name(self.signals[0])} while the nodes were "
                 "meeting; no worker had started"))
 
+
+
+class _StoreInBackground:
+    """The single-node store, made in a thread while the launcher supervises its workers.
+
+    Workers that connect before it is up wait in the listen backlog of its
+    socket. The thread is a daemon: a launch that ends while torch is still
+    being imported for the store does not wait for it.
+    """
+
+    def __init__(self, launch_id: str, timeout: float, listener):
+        self.store = None
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._make, args=(launch_id, timeout, listener),
+                                        name="distrib-store", daemon=True)
+        self._thread.start()
+
+    def _make(self, launch_id, timeout, listener) -> None:
+        from .._store import host_store
+
+        try:
+            self.store, _ = host_store(launch_id, 1, timeout=timeout, listener=listener)
+        except BaseException as exc:  # reported by check(), in the supervising thread
+            self.error = exc
+
+    def check(self) -> None:
+        """Raise, in the caller's thread, what went wrong making the store."""
+        if self.error is not None:
+            raise LaunchError(f"could not start the rendezvous store: {self.error}") from self.error
 
 
 def _interface_towards(host: str, port: int) -> Optional[str]:

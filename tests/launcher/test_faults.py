@@ -169,3 +169,22 @@ def test_distrib_run_listens_on_loopback_only():
     assert any(r["launcher_listens"] for r in records), "distrib-run's store should be listening"
     for record in records:
         assert not _unexpected(record["rank_listens"] + record["launcher_listens"], LOOPBACK), record
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, stage, reason", [
+    ("os_exit", "start", r"exited with code 7"),
+    ("sigkill", "all_gather", r"killed by signal SIGKILL"),
+])
+def test_distrib_run_stops_at_once_when_a_rank_dies(tmp_path, kind, stage, reason):
+    # The bench's faulting program: rank 0 faults, the others would wait 60 s.
+    from distrib.bench import _fault_rank
+
+    started = time.monotonic()
+    done = run_cli("--nprocs", "3", _fault_rank.__file__, timeout=120,
+                   env={"DISTRIB_FAULT_DIR": str(tmp_path), "DISTRIB_FAULT_KIND": kind,
+                        "DISTRIB_FAULT_STAGE": stage})
+    assert time.monotonic() - started < 30, done.stderr
+    assert re.search(rf"rank 0 .*{reason}.*\[root cause\]", done.stderr), done.stderr
+    pids = [int((tmp_path / f"pid.{r}").read_text()) for r in range(3)]
+    assert not any(alive(p) for p in pids)
