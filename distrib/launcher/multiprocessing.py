@@ -6,8 +6,11 @@ supervises them: results come back over a pipe per rank, and the first
 failure (an exception, a signal, a non-zero exit) tears the others down.
 
 Workers lead their own process groups, so a worker's children go with it
-and a terminal's Ctrl-C reaches only the launcher, which stops everything.
-Workers die with the launcher even when it is SIGKILLed (PR_SET_PDEATHSIG).
+and a terminal's Ctrl-C reaches only the launcher, which stops everything
+(then raises KeyboardInterrupt; after SIGTERM it dies of that signal). A stop
+reaches a worker whatever it is doing, even one still starting (see
+:func:`~distrib.launcher._process.stop_processes`). Workers die with the
+launcher even when it is SIGKILLed (PR_SET_PDEATHSIG).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import uuid
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from .._network import loopback_gloo_env
 from .._text import format_ranks
 from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailedError, WorkerFailure
 from ..info import LaunchInfo
@@ -35,7 +39,6 @@ from ._devices import assign_devices
 from ._hangwatch import HangWatch
 from ._process import (die_with_parent, record_stop_signals, restore_signals, signal_name,
                        stop_processes)
-from .._network import loopback_gloo_env
 
 __all__ = ["MultiprocessingLauncher", "launch"]
 
