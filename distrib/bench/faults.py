@@ -221,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", default=None, help="a regular expression on scenario names")
     parser.add_argument("--sections", default="faults,leaks,startup",
                         help="faults, leaks, startup (default: all three)")
+    parser.add_argument("--leak-iterations", type=int, default=10_000,
+                        help="barriers and broadcasts on 8 ranks in the leaks section (default 10000)")
+    parser.add_argument("--leak-launches", type=int, default=200,
+                        help="launches in a row in the leaks section (default 200)")
+    parser.add_argument("--startup-runs", type=int, default=7, help="runs of each start-up contender")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: a temporary one)")
     return parser
 
@@ -248,12 +253,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "leaks" in sections:
         from ._fault_leaks import leaks
 
-        report["leaks"] = leaks()
+        report["leaks"] = leaks(iterations=args.leak_iterations, launches=args.leak_launches)
         print(json.dumps(report["leaks"], indent=1), flush=True)
     if "startup" in sections:
         from ._fault_leaks import startup
 
-        report["startup"] = startup()
+        report["startup"] = startup(runs=args.startup_runs)
         print(json.dumps(report["startup"], indent=1), flush=True)
     stem = "faults" if "faults" in sections else "faults-" + "-".join(sorted(sections))
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
