@@ -108,6 +108,7 @@ class _Launch:
         self.signals: list[int] = []
         self.rendezvous = None
         self.hangwatch: Optional[HangWatch] = None
+        self._lost_nodes: set[int] = set()  # nodes whose heartbeat stopped
 
     # -- the whole launch -----------------------------------------------------
     def run(self) -> list[int]:
@@ -316,6 +317,7 @@ class _Launch:
         if self.options.node_rank == 0:
             lost = self._call_store(self.rendezvous.lost_nodes)
             if lost:
+                self._lost_nodes.update(lost)
                 self._stop(signal.SIGTERM)
                 raise CoordinatorError(
                     f"nodes {format_ranks(lost)} stopped responding (their distrib-run was killed, "
@@ -382,8 +384,10 @@ class _Launch:
         try:
             self.rendezvous.finish()
             if self.options.node_rank == 0:
+                # Not for nodes already lost: nobody is there to read anything.
                 deadline = time.monotonic() + _FAILURE_LINGER + self.options.grace
-                while self.rendezvous.pending_nodes() and time.monotonic() < deadline:
+                while (set(self.rendezvous.pending_nodes()) - self._lost_nodes
+                       and time.monotonic() < deadline):
                     time.sleep(_REMOTE_POLL)
         except Exception:
             pass  # node 0's store is gone; there is nobody left to tell
