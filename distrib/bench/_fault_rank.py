@@ -34,7 +34,8 @@ def _setting(name: str) -> str:
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "-1"))
+    # A launcher sets RANK; a bare srun task has only SLURM's variable until distrib.init().
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "-1")
 
 
 def _write(name: str, text: str) -> None:
