@@ -188,3 +188,23 @@ def test_distrib_run_stops_at_once_when_a_rank_dies(tmp_path, kind, stage, reaso
     assert re.search(rf"rank 0 .*{reason}.*\[root cause\]", done.stderr), done.stderr
     pids = [int((tmp_path / f"pid.{r}").read_text()) for r in range(3)]
     assert not any(alive(p) for p in pids)
+
+
+def test_a_stack_request_that_reaches_a_rank_after_it_let_go_of_faulthandler_is_harmless(tmp_path):
+    # Under load the monitor can see an exiting rank go quiet and ask faulthandler for its
+    # stacks just as the interpreter unregisters it: that request must not kill the rank
+    # (it did, "killed by signal 40", failing a launch whose ranks had all returned).
+    stack_file = tmp_path / "stacks"
+    child = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import faulthandler, os, time
+        from distrib.control import agent
+        from distrib.control.stacks import DUMP_SIGNAL
+        agent._register_faulthandler({str(stack_file)!r})
+        os.kill(os.getpid(), DUMP_SIGNAL)
+        time.sleep(0.2)
+        faulthandler.unregister(DUMP_SIGNAL)  # as at interpreter exit
+        os.kill(os.getpid(), DUMP_SIGNAL)
+        time.sleep(0.2)
+    """)], env=child_env(), capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, (child.returncode, child.stderr)
+    assert "File " in stack_file.read_text()  # the request before it did dump the stacks
