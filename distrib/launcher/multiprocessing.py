@@ -69,25 +69,31 @@ class MultiprocessingLauncher(Launcher):
             timeout: Optional[float] = None, devices: Devices = None,
             master_port: Optional[int] = None, env: Optional[Mapping[str, str]] = None) -> list[Any]:
         _check_arguments(target, nprocs, timeout)
-        device_of = _assign_devices(devices, nprocs)
-        launch_id = launch_id or uuid.uuid4().hex
-        from .._store import AGENT_STORE_VAR, host_store, store_host
+        # Ctrl-C/SIGTERM from here on are recorded and acted on in order (below): one that
+        # came while torch is imported could otherwise be lost in its C code.
+        signals: list[int] = []
+        previous_handlers = record_stop_signals(signals)
+        try:
+            device_of = _assign_devices(devices, nprocs)
+            launch_id = launch_id or uuid.uuid4().hex
+            from .._store import AGENT_STORE_VAR, host_store, store_host
 
-        store, port = host_store(launch_id, nprocs, port=master_port, host=store_host("127.0.0.1", 1))
-        secret = secrets.token_hex(16)
-        ctx = mp.get_context(self.start_method)
-        if self.start_method == "forkserver":
-            # Workers fork from a server that has imported torch once.
-            ctx.set_forkserver_preload(["torch", "torch.distributed", "distrib"])
-        workers: list[_Worker] = []
-        scratch = tempfile.mkdtemp(prefix="distrib-launch-")
-        hangwatch = HangWatch(secret, _note, scratch)
-        hangwatch.install_signal()
+            store, port = host_store(launch_id, nprocs, port=master_port, host=store_host("127.0.0.1", 1))
+            secret = secrets.token_hex(16)
+            ctx = mp.get_context(self.start_method)
+            if self.start_method == "forkserver":
+                # Workers fork from a server that has imported torch once.
+                ctx.set_forkserver_preload(["torch", "torch.distributed", "distrib"])
+            workers: list[_Worker] = []
+            scratch = tempfile.mkdtemp(prefix="distrib-launch-")
+            hangwatch = HangWatch(secret, _note, scratch)
+            hangwatch.install_signal()
+        except BaseException:
+            restore_signals(previous_handlers)
+            raise
         # A single-node launch talks over loopback only: gloo too (the store and the
         # monitor bind it already), unless the caller chose an interface.
         env = {**loopback_gloo_env(), **(env or {})}
-        signals: list[int] = []
-        previous_handlers = record_stop_signals(signals)  # Ctrl-C/SIGTERM: stop in order, below
         try:
             for rank in range(nprocs):
                 if signals:
