@@ -82,13 +82,13 @@ class WorkerProcess:
                           traceback=str(record.get("traceback", "")))
             if not fields["exc_type"]:
                 fields["exitcode"] = int(record.get("exitcode", code or 1))
-        if code is not None and code < 0 and not fields.get("exc_type"):
+        if code is not None and code < 0 and record is None:
             return WorkerFailure(rank=self.rank, timestamp=when, signal_name=signal_name(-code),
                                  host=host)
-        if code is not None:
-            fields["exitcode"] = code if code >= 0 else 128 - code
-        elif "exitcode" not in fields:
-            fields["exitcode"] = 1
+        # With a record, the worker was already failing in its own way (an exception, an
+        # exit code) when a signal (our teardown's, while it exited) ended it: say so.
+        if "exitcode" not in fields:
+            fields["exitcode"] = 1 if code is None else (code if code >= 0 else 128 - code)
         return WorkerFailure(rank=self.rank, timestamp=when, host=host, **fields)
 
 
