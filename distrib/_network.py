@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 from typing import Optional
 
-__all__ = ["local_address_towards", "interface_of"]
+__all__ = ["local_address_towards", "interface_of", "loopback_gloo_env"]
 
 
 def local_address_towards(host: str, port: int = 9) -> Optional[str]:
@@ -43,3 +43,19 @@ def interface_of(address: str) -> Optional[str]:
                if a.family in (socket.AF_INET, socket.AF_INET6)):
             return name
     return None
+
+
+def loopback_gloo_env() -> dict[str, str]:
+    """``GLOO_SOCKET_IFNAME`` naming the loopback interface, for a launch on one machine.
+
+    Gloo's default device listens on the address the host name resolves to,
+    which other machines may reach; every rank of a one-machine launch is
+    here. Empty when the variable is already set (the caller's choice wins)
+    or no loopback interface is found.
+    """
+    import os
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return {}
+    name = interface_of("127.0.0.1")
+    return {"GLOO_SOCKET_IFNAME": name} if name else {}

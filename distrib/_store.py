@@ -14,6 +14,9 @@ Who hosts the store:
 from __future__ import annotations
 
 import datetime
+import errno
+import ipaddress
+import logging
 import os
 import socket
 
@@ -22,35 +25,83 @@ from .info import LaunchInfo
 from .ports import AddressInUse, bind_first_free, is_address_in_use
 
 AGENT_STORE_VAR = "TORCHELASTIC_USE_AGENT_STORE"
+BIND_ADDR_VAR = "DISTRIB_BIND_ADDR"  # an address to listen on instead of MASTER_ADDR's
+
+logger = logging.getLogger("distrib")
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-def bind_listener(launch_id: str, port: int | None = None) -> tuple[socket.socket, int]:
+def store_host(master_addr: str, nnodes: int) -> str:
+    """The address the store listens on: ``DISTRIB_BIND_ADDR`` if set, else MASTER_ADDR's.
+
+    MASTER_ADDR is, by contract, an address of the store's host that every
+    node reaches (127.0.0.1 for a one-machine launch), so the store listens
+    there and nowhere else. A multi-node launch whose MASTER_ADDR resolves to
+    a loopback address here (a host name mapped to 127.0.1.1 in /etc/hosts)
+    cannot listen there, since the other nodes would not reach it; it listens
+    on every interface and says so, unless ``DISTRIB_BIND_ADDR`` names one.
+    """
+    explicit = os.environ.get(BIND_ADDR_VAR)
+    if explicit:
+        return explicit
+    address = _resolve(master_addr or "127.0.0.1")
+    if nnodes > 1 and ipaddress.ip_address(address.split("%")[0]).is_loopback \
+            and not ipaddress.ip_address(_literal(master_addr) or "::1").is_loopback:
+        logger.warning("MASTER_ADDR=%s resolves to the loopback address %s on this host, which the "
+                       "other nodes cannot reach: the rendezvous store listens on every interface. "
+                       "Set %s to this host's address on the nodes' network to avoid that.",
+                       master_addr, address, BIND_ADDR_VAR)
+        return "0.0.0.0"
+    return address
+
+
+def _resolve(host: str) -> str:
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    except (OSError, IndexError) as exc:
+        raise ConfigError(f"the store's address {host!r} does not resolve on this host ({exc}); "
+                          f"expected an address of this host, or set {BIND_ADDR_VAR}") from None
+
+
+def _literal(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host.split("%")[0]))
+    except ValueError:
+        return None
+
+
+def bind_listener(launch_id: str, port: int | None = None,
+                  host: str = "127.0.0.1") -> tuple[socket.socket, int]:
     """Bind and listen on the store's port now, before torch is imported. Returns ``(socket, port)``.
 
-    Same port choice as :func:`host_store`. A launcher can start its workers
-    at once and pass the socket to ``host_store(listener=...)`` later:
-    clients that connect in between wait in the listen backlog.
+    ``host`` is the one address to listen on (see :func:`store_host`); a
+    wildcard (``0.0.0.0``, ``::``) only when asked for. The port is chosen as
+    :func:`host_store` does. A launcher can start its workers at once and pass
+    the socket to ``host_store(listener=...)`` later: clients that connect in
+    between wait in the listen backlog.
     """
+    address = _resolve(host)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
     def bind(candidate: int) -> socket.socket:
-        try:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        if family == socket.AF_INET6 and address == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 clients too
-            address = ("::", candidate)
-        except OSError:  # no IPv6 on this host
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            address = ("0.0.0.0", candidate)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(address)
+            sock.bind((address, candidate))
             sock.listen(1024)
         except OSError as exc:
             sock.close()
             if is_address_in_use(exc):
                 raise AddressInUse(candidate) from exc
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"the rendezvous store cannot listen on {address} ({exc}): it is "
+                                  f"not an address of this host; expected MASTER_ADDR (or "
+                                  f"{BIND_ADDR_VAR}) to name this host") from None
             raise
         return sock
 
@@ -67,42 +118,25 @@ def bind_listener(launch_id: str, port: int | None = None) -> tuple[socket.socke
 
 
 def host_store(launch_id: str, world_size: int, port: int | None = None, timeout: float = 300.0,
-               listener: socket.socket | None = None):
+               listener: socket.socket | None = None, host: str = "127.0.0.1"):
     """Bind a TCPStore server for a launcher. Returns ``(store, port)``.
 
-    With ``port=None`` the port comes from the launch id (hash, then probe
+    The store listens on ``host`` only (see :func:`store_host`). With
+    ``port=None`` the port comes from the launch id (hash, then probe
     upward); an explicit port that is taken is an error. With ``listener``
     (from :func:`bind_listener`) the store takes over that socket instead.
     """
     from torch.distributed import TCPStore
 
-    if listener is not None:
-        bound = listener.getsockname()[1]
-        # detach(): the store owns the descriptor from now on, and closes it.
-        store = TCPStore("0.0.0.0", bound, world_size, is_master=True, wait_for_workers=False,
-                         timeout=_timedelta(timeout), master_listen_fd=listener.detach())
-        return store, bound
-
-    def bind(candidate: int):
-        try:
-            return TCPStore("0.0.0.0", candidate, world_size, is_master=True,
-                            wait_for_workers=False, timeout=_timedelta(timeout))
-        except Exception as exc:  # torch raises DistNetworkError (a RuntimeError)
-            if is_address_in_use(exc):
-                raise AddressInUse(candidate) from exc
-            raise
-
-    if port is not None:
-        try:
-            store = bind(port)
-        except AddressInUse:
-            raise ConfigError(
-                f"MASTER_PORT={port} is already in use on this host; expected a free port. "
-                "Choose another, or leave the port unset to derive one from the launch id."
-            ) from None
-        return store, port
-    store = bind_first_free(launch_id, bind)
-    return store, store.port
+    if listener is None:
+        listener, _ = bind_listener(launch_id, port, host)
+    address, bound = listener.getsockname()[:2]
+    # TCPStore's own listener would take every interface; handed a bound socket, it
+    # listens where that socket does. detach(): the store owns the descriptor now.
+    client_address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address)
+    store = TCPStore(client_address, bound, world_size, is_master=True, wait_for_workers=False,
+                     timeout=_timedelta(timeout), master_listen_fd=listener.detach())
+    return store, bound
 
 
 def connect_store(info: LaunchInfo, timeout: float):
@@ -112,9 +146,18 @@ def connect_store(info: LaunchInfo, timeout: float):
     hosted_by_launcher = os.environ.get(AGENT_STORE_VAR) == "True"
     is_host = info.rank == 0 and not hosted_by_launcher
     try:
-        return TCPStore(info.master_addr, info.master_port, info.world_size,
-                        is_master=is_host, wait_for_workers=False, multi_tenant=is_host,
-                        timeout=_timedelta(timeout))
+        if not is_host:
+            return TCPStore(info.master_addr, info.master_port, info.world_size,
+                            is_master=False, wait_for_workers=False, timeout=_timedelta(timeout))
+        # Rank 0 hosts it (no launcher beside the ranks), on MASTER_ADDR's address only;
+        # multi-tenant, so that init_process_group("env://") here shares it.
+        listener, _ = bind_listener(info.launch_id, info.master_port,
+                                    store_host(info.master_addr, info.nnodes))
+        address = listener.getsockname()[0]
+        return TCPStore({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address),
+                        info.master_port, info.world_size, is_master=True, wait_for_workers=False,
+                        multi_tenant=True, timeout=_timedelta(timeout),
+                        master_listen_fd=listener.detach())
     except Exception as exc:
         role = "host" if is_host else "connect to"
         raise CoordinatorError(

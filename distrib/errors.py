@@ -78,18 +78,35 @@ class WorkerFailure:
             f" ({self.message})" if self.message else ""
         )
 
+    @property
+    def follows_a_peer(self) -> bool:
+        """True for a Coordinator or Communicator error: what a rank raises when a peer is lost.
+
+        Such a failure is a consequence when another rank died on its own (a
+        signal, an exit, another exception); it is the root cause only when no
+        other rank failed first in its own right (a rank that hung, say).
+        """
+        return bool(self.exc_type) and self.exc_type.rsplit(".", 1)[-1] in _PEER_ERRORS
+
+
+_PEER_ERRORS = ("CoordinatorError", "CommunicatorError", "DistribTimeoutError")
+
 
 class WorkerFailedError(DistribError):
     """One or more workers failed; the first failure is the root cause.
 
-    ``failures`` holds every failed rank in the order observed;
-    ``root_cause`` is ``failures[0]``.
+    ``failures`` holds every failed rank, earliest first, except that a rank
+    which only reports a lost peer (:attr:`WorkerFailure.follows_a_peer`) comes
+    after every rank that failed in its own right; ``root_cause`` is
+    ``failures[0]``.
     """
 
     def __init__(self, failures: Sequence[WorkerFailure]):
         if not failures:
             raise ValueError("WorkerFailedError needs at least one failure")
-        self.failures = tuple(sorted(failures, key=lambda f: (f.timestamp, f.rank)))
+        # A rank that lost a peer may report it before the launcher sees the peer's own
+        # death (a signal, an exit): the peer's failure is the root cause all the same.
+        self.failures = tuple(sorted(failures, key=lambda f: (f.follows_a_peer, f.timestamp, f.rank)))
         self.root_cause = self.failures[0]
         super().__init__(self._render())
 

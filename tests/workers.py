@@ -151,3 +151,35 @@ def spawn_grandchild_then_fail(pidfile):
         time.sleep(600)
     time.sleep(1.0)
     raise RuntimeError("rank 0 gives up")
+
+
+def listening_sockets():
+    """Where this rank and (rank 0) its launcher listen, with every socket of a launch open."""
+    import psutil
+    import torch
+
+    from distrib import communicator
+
+    def listening(pid):
+        process = psutil.Process(pid)
+        connections = getattr(process, "net_connections", process.connections)("inet")
+        return sorted({c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN})
+
+    ctx = distrib.init(timeout=60)
+    comm = communicator.create()
+    comm.all_reduce(torch.ones(4))
+    channel = ctx.coordinator.broadcast_channel(src=0)
+    channel.send({"hello": 1}) if channel.is_writer else channel.recv()
+    ctx.coordinator.barrier()
+    record = {"rank": listening(os.getpid()),
+              "launcher": listening(os.getppid()) if ctx.rank == 0 else []}
+    ctx.coordinator.barrier()
+    channel.close()
+    return record
+
+
+def exit_early_on_rank0(code):
+    """Rank 0 ends at once, before the others have even finished starting."""
+    if int(os.environ["RANK"]) == 0:
+        os._exit(code)
+    time.sleep(60)

@@ -7,6 +7,7 @@ BENCHMARKS = {"allreduce": "distrib.bench.allreduce",
               "channel": "distrib.bench.channel",
               "custom-crossover": "distrib.bench.custom_crossover",
               "failstop": "distrib.bench.failstop",
+              "faults": "distrib.bench.faults",
               "op-overhead": "distrib.bench.op_overhead"}
 
 

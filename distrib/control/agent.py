@@ -102,6 +102,11 @@ def _register_faulthandler(path: Optional[str]) -> bool:
         _stack_file = open(path, "w")
         _stack_file.write(f"{MAIN_MARK}{threading.main_thread().ident:#x}\n")
         _stack_file.flush()
+        # The default action of DUMP_SIGNAL ends the process. faulthandler puts back the
+        # handler it found when it lets go (at interpreter exit too), and a monitor's
+        # request can arrive just then, from a launcher that saw an exiting rank go
+        # quiet: what it finds must be "ignore", so that such a request is harmless.
+        signal.signal(DUMP_SIGNAL, signal.SIG_IGN)
         faulthandler.register(DUMP_SIGNAL, file=_stack_file, all_threads=True, chain=False)
         return True
     except (OSError, ValueError, RuntimeError) as exc:

@@ -140,7 +140,8 @@ class GlooCoordinator(Coordinator):
         except Exception as exc:
             if not _is_timeout(exc):
                 self._broken = f"the rendezvous store failed: {exc}"
-                raise CoordinatorError(f"{scope} barrier failed on rank {self.rank}: {exc}") from exc
+                raise CoordinatorError(f"{scope} barrier failed on rank {self.rank}: {exc}. "
+                                       f"{_store_lost_hint(self.info)}") from exc
             arrived = self._arrived(key, ranks)
             participants = ranks if ranks is not None else self._node_members()
             missing = [r for r in participants if r not in arrived]
@@ -224,6 +225,18 @@ class GlooCoordinator(Coordinator):
         pg, self._pg = getattr(self, "_pg", None), None
         del pg  # gloo closes its sockets when the last reference goes
         self._store = self._root_store = None
+
+
+def _store_lost_hint(info: LaunchInfo) -> str:
+    """Who hosted the rendezvous store, so that losing it names who is gone."""
+    from .._store import AGENT_STORE_VAR
+
+    where = f"{info.master_addr}:{info.master_port}"
+    if os.environ.get(AGENT_STORE_VAR) == "True":
+        return (f"The rendezvous store at {where} is its launcher's (on node 0): that launcher "
+                "has probably exited or been killed.")
+    return (f"The rendezvous store at {where} is hosted by rank 0 (no launcher beside the ranks): "
+            "rank 0 has probably exited or crashed; check its output.")
 
 
 def _report_stuck(what: str) -> None:

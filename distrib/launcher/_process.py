@@ -7,9 +7,9 @@ import signal
 import sys
 import threading
 import time
-from typing import Iterable
+from typing import Callable, Optional, Protocol, Sequence
 
-__all__ = ["die_with_parent", "terminate_trees", "signal_name", "record_stop_signals",
+__all__ = ["die_with_parent", "stop_processes", "Stoppable", "signal_name", "record_stop_signals",
            "restore_signals"]
 
 _PR_SET_PDEATHSIG = 1
@@ -42,13 +42,19 @@ def die_with_parent(launcher_pid: int) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (a launcher that died but is not reaped yet) is dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def record_stop_signals(received: list) -> dict:
@@ -82,39 +88,123 @@ def _live_groups(pgids: set[int]) -> set[int]:
     """The groups in ``pgids`` that still have a process that is not a zombie.
 
     (A zombie still belongs to its group until its parent reaps it, so
-    ``killpg(pgid, 0)`` alone cannot tell a finished worker from a live one.)
+    ``killpg(pgid, 0)`` alone cannot tell a finished worker from a live one;
+    it does tell an empty group, cheaply, so only groups with members cost a
+    look at the process table.)
     """
+    candidates = set()
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, 0)
+            candidates.add(pgid)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            candidates.add(pgid)
+    if not candidates:
+        return set()
     import psutil
 
     live = set()
     for proc in psutil.process_iter(["status"]):
         try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) in pgids:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) in candidates:
                 live.add(os.getpgid(proc.pid))
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue
     return live
 
 
-def terminate_trees(pgids: Iterable[int], grace: float = 1.0) -> None:
-    """SIGTERM every process group in ``pgids``, then SIGKILL what is left after ``grace``.
+class Stoppable(Protocol):
+    """A worker as :func:`stop_processes` sees it: our child, and the leader of its group."""
 
-    Each worker leads its own process group, so its children (a data loader,
-    a compiler, a shell) go with it.
+    pid: int
+
+    def poll(self) -> Optional[int]:
+        """The exit status once the process has ended (reaping it), else ``None``."""
+
+
+def stop_processes(processes: Sequence[Stoppable], first_signal: int = signal.SIGTERM,
+                   grace: float = 1.0, cut_short: Callable[[], bool] = lambda: False,
+                   unkillable_wait: float = 5.0) -> None:
+    """Stop every process in ``processes`` and its process group, whatever stage each is in.
+
+    A worker that is still being started (spawned, importing) has not yet made
+    itself the leader of its own group, so a signal to the group alone would
+    miss it: each process gets ``first_signal`` itself (while it is our
+    unreaped child, so its pid cannot belong to anyone else) and through its
+    group, and a group that appears later (the worker called ``setpgrp`` after
+    the first signal) gets it too. A SIGINT (Ctrl-C, passed on) that has not
+    ended a process within a second is followed by SIGTERM: Python acts on
+    SIGINT only between bytecodes, so a rank blocked in a C call would not see
+    it. What is still alive after ``grace`` seconds
+    (or when ``cut_short()`` says so) gets SIGKILL, again and again, until
+    every process is reaped and every group is empty. A process that SIGKILL
+    cannot end within ``unkillable_wait`` seconds (uninterruptible sleep) is
+    left; nothing else is.
     """
-    pgids = [p for p in pgids if p and p > 0]
-    for pgid in pgids:
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + grace
-    remaining = _live_groups(set(pgids))
-    while remaining and time.monotonic() < deadline:
-        time.sleep(0.02)
-        remaining = _live_groups(remaining)
-    for pgid in remaining:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    processes = [p for p in processes if p.pid]
+    groups = {p.pid for p in processes}
+    signalled_pids: set[int] = set()
+    signalled_groups: set[int] = set()
+    signum = first_signal
+    kill_deadline = time.monotonic() + grace
+    interrupt_deadline = time.monotonic() + min(_INTERRUPT_WAIT, grace)
+    give_up = None
+    while True:
+        live = [p for p in processes if p.poll() is None]
+        live_groups = _live_groups(groups)
+        if not live and not live_groups:
+            return
+        now = time.monotonic()
+        if signum == signal.SIGINT and now >= interrupt_deadline:
+            # Python sees SIGINT only between bytecodes: a rank blocked in a C call (a
+            # collective, an import) goes on. SIGTERM ends it, unless it handles that too.
+            signum = signal.SIGTERM
+            signalled_pids.clear()
+            signalled_groups.clear()
+        if signum != signal.SIGKILL and (now >= kill_deadline or cut_short()):
+            signum = signal.SIGKILL
+            give_up = now + unkillable_wait
+        if give_up is not None and now >= give_up:
+            return
+        resend = signum == signal.SIGKILL  # SIGKILL cannot be caught twice; repeat it freely
+        for p in live:
+            if p.pid in signalled_pids and not resend:
+                continue
+            if _leads_group(p.pid):
+                _killpg(p.pid, signum)  # once, through the group: the leader gets it once
+                signalled_groups.add(p.pid)
+            else:
+                _kill(p.pid, signum)    # still starting: not in its own group yet
+            signalled_pids.add(p.pid)
+        for pgid in live_groups:
+            if pgid not in signalled_groups or resend:
+                _killpg(pgid, signum)
+                signalled_groups.add(pgid)
+        time.sleep(_STOP_POLL)
+
+
+def _leads_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+_STOP_POLL = 0.02  # seconds between looks while stopping
+_INTERRUPT_WAIT = 1.0  # seconds a SIGINT has to stop a process before SIGTERM follows
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _killpg(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass

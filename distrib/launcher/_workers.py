@@ -7,7 +7,6 @@ terminal's Ctrl-C reaches only the launcher, which decides what to pass on.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -15,12 +14,9 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from ..errors import LaunchError, WorkerFailure
 from ._errorfile import read_error_file
-from ._process import _live_groups, signal_name
+from ._process import signal_name, stop_processes
 
 __all__ = ["WorkerProcess", "stop_workers"]
-
-_POLL = 0.02  # seconds between looks while stopping
-
 
 class WorkerProcess:
     """One worker: its rank, its process, and the error record it may leave."""
@@ -86,47 +82,24 @@ class WorkerProcess:
                           traceback=str(record.get("traceback", "")))
             if not fields["exc_type"]:
                 fields["exitcode"] = int(record.get("exitcode", code or 1))
-        if code is not None and code < 0 and not fields.get("exc_type"):
+        if code is not None and code < 0 and record is None:
             return WorkerFailure(rank=self.rank, timestamp=when, signal_name=signal_name(-code),
                                  host=host)
-        if code is not None:
-            fields["exitcode"] = code if code >= 0 else 128 - code
-        elif "exitcode" not in fields:
-            fields["exitcode"] = 1
+        # With a record, the worker was already failing in its own way (an exception, an
+        # exit code) when a signal (our teardown's, while it exited) ended it: say so.
+        if "exitcode" not in fields:
+            fields["exitcode"] = 1 if code is None else (code if code >= 0 else 128 - code)
         return WorkerFailure(rank=self.rank, timestamp=when, host=host, **fields)
 
 
 def stop_workers(workers: Sequence[WorkerProcess], first_signal: int, grace: float,
                  cut_short: Callable[[], bool] = lambda: False) -> None:
-    """``first_signal`` to every worker's group, then SIGKILL to what outlives ``grace`` seconds.
+    """Stop every worker and its group (see :func:`~distrib.launcher._process.stop_processes`).
 
-    Waits for every worker to be reaped. ``cut_short()`` returning True ends
+    ``first_signal`` first, SIGKILL to what outlives ``grace`` seconds;
+    returns once every worker is reaped. ``cut_short()`` returning True ends
     the grace period early (a second Ctrl-C to the launcher).
     """
-    groups = {w.pid for w in workers}
-    if not groups:
-        return
-    for pgid in groups:
-        _killpg(pgid, first_signal)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and not cut_short():
-        for w in workers:
-            w.poll()
-        if all(w.process.returncode is not None for w in workers) and not _live_groups(groups):
-            break
-        time.sleep(_POLL)
-    for pgid in _live_groups(groups):
-        _killpg(pgid, signal.SIGKILL)
+    stop_processes(workers, first_signal, grace, cut_short)
     for w in workers:
-        try:
-            w.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # unkillable (uninterruptible sleep); nothing more to do
-            pass
         w.poll()
-
-
-def _killpg(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -6,8 +6,11 @@ supervises them: results come back over a pipe per rank, and the first
 failure (an exception, a signal, a non-zero exit) tears the others down.
 
 Workers lead their own process groups, so a worker's children go with it
-and a terminal's Ctrl-C reaches only the launcher, which stops everything.
-Workers die with the launcher even when it is SIGKILLed (PR_SET_PDEATHSIG).
+and a terminal's Ctrl-C reaches only the launcher, which stops everything
+(then raises KeyboardInterrupt; after SIGTERM it dies of that signal). A stop
+reaches a worker whatever it is doing, even one still starting (see
+:func:`~distrib.launcher._process.stop_processes`). Workers die with the
+launcher even when it is SIGKILLed (PR_SET_PDEATHSIG).
 """
 from __future__ import annotations
 
@@ -17,21 +20,25 @@ import os
 import pickle
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import time
 import traceback
 import uuid
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from .._network import loopback_gloo_env
 from .._text import format_ranks
 from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailedError, WorkerFailure
 from ..info import LaunchInfo
 from .api import Launcher, launchers
 from ._devices import SHARE_GPU_VAR, assign_devices, shares_gpus
 from ._hangwatch import HangWatch
-from ._process import die_with_parent, signal_name, terminate_trees
+from ._process import (die_with_parent, record_stop_signals, restore_signals, signal_name,
+                       stop_processes)
 
 __all__ = ["MultiprocessingLauncher", "launch"]
 
@@ -62,21 +69,32 @@ class MultiprocessingLauncher(Launcher):
             timeout: Optional[float] = None, devices: Devices = None, share_gpu: bool = False,
             master_port: Optional[int] = None, env: Optional[Mapping[str, str]] = None) -> list[Any]:
         _check_arguments(target, nprocs, timeout)
-        device_of = _assign_devices(devices, nprocs, share_gpu)
-        launch_id = launch_id or uuid.uuid4().hex
-        from .._store import AGENT_STORE_VAR, host_store
+        # Ctrl-C/SIGTERM from here on are recorded and acted on in order (below): one that
+        # came while torch is imported could otherwise be lost in its C code.
+        signals: list[int] = []
+        previous_handlers = record_stop_signals(signals)
+        try:
+            device_of = _assign_devices(devices, nprocs, share_gpu)
+            launch_id = launch_id or uuid.uuid4().hex
+            from .._store import AGENT_STORE_VAR, host_store, store_host
 
-        store, port = host_store(launch_id, nprocs, port=master_port)
-        secret = secrets.token_hex(16)
-        ctx = mp.get_context(self.start_method)
-        if self.start_method == "forkserver":
-            # Workers fork from a server that has imported torch once.
-            ctx.set_forkserver_preload(["torch", "torch.distributed", "distrib"])
-        workers: list[_Worker] = []
-        scratch = tempfile.mkdtemp(prefix="distrib-launch-")
-        hangwatch = HangWatch(secret, _note, scratch)
-        hangwatch.install_signal()
-        mps = None
+            store, port = host_store(launch_id, nprocs, port=master_port, host=store_host("127.0.0.1", 1))
+            secret = secrets.token_hex(16)
+            ctx = mp.get_context(self.start_method)
+            if self.start_method == "forkserver":
+                # Workers fork from a server that has imported torch once.
+                ctx.set_forkserver_preload(["torch", "torch.distributed", "distrib"])
+            workers: list[_Worker] = []
+            scratch = tempfile.mkdtemp(prefix="distrib-launch-")
+            hangwatch = HangWatch(secret, _note, scratch)
+            hangwatch.install_signal()
+            mps = None
+        except BaseException:
+            restore_signals(previous_handlers)
+            raise
+        # A single-node launch talks over loopback only: gloo too (the store and the
+        # monitor bind it already), unless the caller chose an interface.
+        env = {**loopback_gloo_env(), **(env or {})}
         try:
             shared_env = {}
             if shares_gpus(device_of):
@@ -85,6 +103,8 @@ class MultiprocessingLauncher(Launcher):
                 mps = start_mps(scratch, _note)
                 shared_env = {SHARE_GPU_VAR: "1", **(mps.env if mps else {})}
             for rank in range(nprocs):
+                if signals:
+                    break
                 info = LaunchInfo(launch_id=launch_id, rank=rank, world_size=nprocs,
                                   local_rank=rank, local_world_size=nprocs, node_rank=0,
                                   nnodes=1, master_addr="127.0.0.1", master_port=port,
@@ -93,20 +113,29 @@ class MultiprocessingLauncher(Launcher):
                               **hangwatch.worker_env(rank), **shared_env}
                 if device_of[rank] is not None:
                     worker_env["DISTRIB_DEVICE"] = str(device_of[rank])
-                workers.append(_Worker.start(ctx, rank, target, tuple(args), dict(kwargs or {}),
-                                             worker_env, device_of[rank]))
+                workers.append(_Worker(ctx, rank, target, tuple(args), dict(kwargs or {}),
+                                       worker_env, device_of[rank]))
+                workers[-1].start()
                 hangwatch.watch(rank, workers[-1].process.pid)
-            return _supervise(workers, timeout, hangwatch, mps)
+            results = _supervise(workers, timeout, hangwatch, signals, mps)
+            if signals and signals[0] == signal.SIGINT:
+                raise KeyboardInterrupt  # as Python would have, now raised where we stop the ranks
+            return results
         finally:
-            hangwatch.close()
-            terminate_trees([w.process.pid for w in workers if w.process.pid], self.grace)
+            # Workers first (whatever stage each is in), then what they use: the
+            # monitor, the scratch folder their stack files live in, the store.
+            stop_processes(workers, grace=self.grace,
+                           cut_short=lambda: len(signals) > 1)  # a second Ctrl-C: no grace
             for w in workers:
-                w.process.join(timeout=5)
                 w.conn.close()
+            hangwatch.close()
             if mps is not None:
-                mps.close()  # after the workers, its clients
+                mps.close()  # after the workers, its clients; before the scratch folder its pipes are in
             shutil.rmtree(scratch, ignore_errors=True)
             del store
+            restore_signals(previous_handlers)
+            if signals and signals[0] == signal.SIGTERM:
+                os.kill(os.getpid(), signal.SIGTERM)  # die of it, as without us, now that ranks are stopped
 
 
 def launch(fn: Callable, nprocs: int, args: Sequence = (), kwargs: Optional[Mapping[str, Any]] = None,
@@ -143,26 +172,39 @@ def launch(fn: Callable, nprocs: int, args: Sequence = (), kwargs: Optional[Mapp
 # -- parent side --------------------------------------------------------------
 
 class _Worker:
-    def __init__(self, rank: int, process, conn):
+    def __init__(self, ctx, rank, target, args, kwargs, env, device):
         self.rank = rank
-        self.process = process
-        self.conn = conn
         self.result: Any = _NO_RESULT
         self.failure: Optional[WorkerFailure] = None
         self.conn_open = True
-
-    @classmethod
-    def start(cls, ctx, rank, target, args, kwargs, env, device) -> "_Worker":
-        parent_end, child_end = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=_worker_main, name=f"distrib-rank{rank}", daemon=False,
-                              args=(target, args, kwargs, env, device, os.getpid(), child_end))
+        # The target travels pickled and is unpickled by the worker once it leads its
+        # group and dies with us: importing its module (which may take seconds, or fail)
+        # then happens where a stop reaches it and a failure is reported with its traceback.
         try:
-            process.start()
+            target_bytes = bytes(ForkingPickler.dumps(target))
         except Exception as exc:
-            raise LaunchError(f"could not start rank {rank}: {type(exc).__name__}: {exc}") from exc
+            raise LaunchError(f"could not start rank {rank}: the function cannot be pickled "
+                              f"({type(exc).__name__}: {exc}); expected a module-level function") from exc
+        self.conn, self._child_end = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_worker_main, name=f"distrib-rank{rank}", daemon=False,
+                                   args=(target_bytes, args, kwargs, env, device, os.getpid(),
+                                         self._child_end))
+
+    def start(self) -> None:
+        try:
+            self.process.start()
+        except Exception as exc:
+            raise LaunchError(f"could not start rank {self.rank}: {type(exc).__name__}: {exc}") from exc
         finally:
-            child_end.close()
-        return cls(rank, process, parent_end)
+            self._child_end.close()
+
+    # What stop_processes needs: the pid, and the exit status once it ended (reaping it).
+    @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid
+
+    def poll(self) -> Optional[int]:
+        return self.process.exitcode if self.process.pid else None
 
     def read(self) -> None:
         """Take the worker's report, if it sent one."""
@@ -204,10 +246,13 @@ class _Worker:
 
 
 def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: HangWatch,
-               mps=None) -> list[Any]:
+               signals: list[int], mps=None) -> list[Any]:
     deadline = None if timeout is None else time.monotonic() + timeout
     running = {w.rank: w for w in workers}
+    settle_until = None
     while running:
+        if signals:
+            return []  # the caller stops the ranks, then raises KeyboardInterrupt or dies of SIGTERM
         waitables = {}
         for w in running.values():
             waitables[w.process.sentinel] = (w, "exit")
@@ -227,6 +272,12 @@ def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: Hang
         if lost:
             raise LaunchError(lost)
         failed = [w.failure for w in workers if w.failure is not None]
+        if failed and all(f.follows_a_peer for f in failed) and running:
+            # A rank that lost a peer: the peer's own death (its exit, or its report) is
+            # the root cause, and may be a moment behind on this side of the pipes.
+            settle_until = settle_until or time.monotonic() + _SETTLE
+            if time.monotonic() < settle_until:
+                continue
         if failed:
             raise WorkerFailedError(failed)
         if deadline is not None and not ready and time.monotonic() >= deadline:
@@ -237,10 +288,14 @@ def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: Hang
                 f"launch timed out after {timeout:g}s; ranks {format_ranks(still)} were still running "
                 "and have been stopped" + (f"\n{where}" if where else ""), missing=still)
         hangwatch.check(set(running), 0.0)
+    failed = [w.failure for w in workers if w.failure is not None]
+    if failed:  # every rank ended while a lost-peer error waited for its cause
+        raise WorkerFailedError(failed)
     return [w.result for w in workers]
 
 
 _POLL = 0.05  # seconds between looks at the control monitor
+_SETTLE = 0.25  # seconds a lost-peer error waits for the failure that caused it
 
 
 def _note(text: str) -> None:
@@ -278,7 +333,7 @@ def _assign_devices(devices: Devices, nprocs: int, share_gpu: bool) -> list[Opti
 _NO_RESULT = object()
 
 
-def _worker_main(target, args, kwargs, env, device, parent_pid, conn) -> None:
+def _worker_main(target_bytes, args, kwargs, env, device, parent_pid, conn) -> None:
     os.setpgrp()  # lead a group: the launcher stops this worker and its children together
     die_with_parent(parent_pid)
     os.environ.update(env)
@@ -292,6 +347,7 @@ def _worker_main(target, args, kwargs, env, device, parent_pid, conn) -> None:
         ("error", exc_type, message, "", socket.gethostname())))
     code = 0
     try:
+        target = pickle.loads(target_bytes)  # imports the function's module, here and now
         if device is not None:
             import torch
 

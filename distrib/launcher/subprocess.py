@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from typing import Callable, Optional
@@ -110,6 +111,7 @@ class _Launch:
         self.hangwatch: Optional[HangWatch] = None
         self.mps = None
         self.shared_env: dict[str, str] = {}
+        self._lost_nodes: set[int] = set()  # nodes whose heartbeat stopped
 
     # -- the whole launch -----------------------------------------------------
     def run(self) -> list[int]:
@@ -162,11 +164,11 @@ class _Launch:
                     break
             if listener is not None:
                 # The workers are starting; the store takes over the socket they connect to.
-                from .._store import host_store
-
-                store, _ = host_store(launch_id, 1, timeout=options.rdzv_timeout, listener=listener)
+                # Beside the supervision, not before it: importing torch for the store takes
+                # seconds, and a rank that fails meanwhile must stop the launch at once.
+                store = _StoreInBackground(launch_id, options.rdzv_timeout, listener)
                 listener = None
-            return self._supervise()
+            return self._supervise(store if isinstance(store, _StoreInBackground) else None)
         finally:
             self._stop(signal.SIGTERM)
             restore_signals(previous_handlers)
@@ -191,21 +193,23 @@ class _Launch:
         single node only the port is bound here (``listener``), so that the
         workers start while torch is imported for the store.
         """
-        from .._store import bind_listener, host_store
+        from .._store import bind_listener, host_store, store_host
         from ..ports import port_for_launch_id
 
         options = self.options
         if not self.multi_node:
             launch_id = options.launch_id or uuid.uuid4().hex
-            listener, port = bind_listener(launch_id, options.master_port)
-            return None, listener, launch_id, port, options.master_addr or "127.0.0.1"
+            master_addr = options.master_addr or "127.0.0.1"
+            listener, port = bind_listener(launch_id, options.master_port, store_host(master_addr, 1))
+            return None, listener, launch_id, port, master_addr
         port = options.master_port
         launch_id = options.launch_id or f"{options.master_addr}:{port}"
         if port is None:  # every node derives the same port; no probing (others could not follow)
             port = port_for_launch_id(launch_id)
         if options.node_rank == 0:
             store, port = host_store(launch_id, options.nnodes, port=port,
-                                     timeout=options.rdzv_timeout)
+                                     timeout=options.rdzv_timeout,
+                                     host=store_host(options.master_addr, options.nnodes))
         else:
             from ._rendezvous import NodeRendezvous
 
@@ -259,11 +263,13 @@ class _Launch:
             env["DISTRIB_DEVICE"] = str(device)
 
     # -- supervision ----------------------------------------------------------
-    def _supervise(self) -> list[int]:
+    def _supervise(self, background_store: Optional["_StoreInBackground"] = None) -> list[int]:
         options = self.options
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         next_remote = 0.0
         while True:
+            if background_store is not None:
+                background_store.check()
             codes = [w.poll() for w in self.workers]
             # A failure counts once its process has exited (so that its traceback is
             # printed in full); its error record's time still makes it the root cause.
@@ -328,6 +334,7 @@ class _Launch:
         if self.options.node_rank == 0:
             lost = self._call_store(self.rendezvous.lost_nodes)
             if lost:
+                self._lost_nodes.update(lost)
                 self._stop(signal.SIGTERM)
                 raise CoordinatorError(
                     f"nodes {format_ranks(lost)} stopped responding (their distrib-run was killed, "
@@ -394,8 +401,10 @@ class _Launch:
         try:
             self.rendezvous.finish()
             if self.options.node_rank == 0:
+                # Not for nodes already lost: nobody is there to read anything.
                 deadline = time.monotonic() + _FAILURE_LINGER + self.options.grace
-                while self.rendezvous.pending_nodes() and time.monotonic() < deadline:
+                while (set(self.rendezvous.pending_nodes()) - self._lost_nodes
+                       and time.monotonic() < deadline):
                     time.sleep(_REMOTE_POLL)
         except Exception:
             pass  # node 0's store is gone; there is nobody left to tell
@@ -408,6 +417,35 @@ class _Launch:
                 f"distrib-run received {signal_name(self.signals[0])} while the nodes were "
                 "meeting; no worker had started"))
 
+
+
+class _StoreInBackground:
+    """The single-node store, made in a thread while the launcher supervises its workers.
+
+    Workers that connect before it is up wait in the listen backlog of its
+    socket. The thread is a daemon: a launch that ends while torch is still
+    being imported for the store does not wait for it.
+    """
+
+    def __init__(self, launch_id: str, timeout: float, listener):
+        self.store = None
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._make, args=(launch_id, timeout, listener),
+                                        name="distrib-store", daemon=True)
+        self._thread.start()
+
+    def _make(self, launch_id, timeout, listener) -> None:
+        from .._store import host_store
+
+        try:
+            self.store, _ = host_store(launch_id, 1, timeout=timeout, listener=listener)
+        except BaseException as exc:  # reported by check(), in the supervising thread
+            self.error = exc
+
+    def check(self) -> None:
+        """Raise, in the caller's thread, what went wrong making the store."""
+        if self.error is not None:
+            raise LaunchError(f"could not start the rendezvous store: {self.error}") from self.error
 
 
 def _interface_towards(host: str, port: int) -> Optional[str]:

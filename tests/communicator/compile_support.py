@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 import distrib
 from distrib import communicator
-from distrib.errors import CommunicatorError
 
 HIDDEN, INTERMEDIATE, TOKENS = 32, 64, 8
 

@@ -254,3 +254,33 @@ def test_a_sleeping_reader_is_woken_by_the_writer(monkeypatch):
     delays.sort()
     # Unwoken, a reader would see the message after half its 50 ms sleep on average.
     assert delays[len(delays) // 2] < 0.010, delays
+
+
+def _writer_killed_mid_message(conn) -> None:
+    writer = RingWriter.create(readers=[(1, os.getppid())], **SHAPE)
+    conn.send((writer.path, os.getpid()))
+    conn.recv()  # the reader has it open
+    writer.unlink()
+    writer.write(b"whole", _soon())
+    conn.send("streaming")
+    writer.write(b"x" * 10_000, _soon(60))  # 40 chunks through a ring of 4: blocks until killed
+
+
+def test_a_writer_killed_mid_message_delivers_no_part_of_it():
+    fork = multiprocessing.get_context("fork")
+    parent, child = fork.Pipe()
+    process = fork.Process(target=_writer_killed_mid_message, args=(child,))
+    process.start()
+    path, pid = parent.recv()
+    reader = RingReader(path, 0, readers=1, writer_rank=3, writer_pid=pid, max_bytes=1 << 20, **SHAPE)
+    parent.send("open")
+    assert parent.recv() == "streaming"
+    time.sleep(0.3)  # the writer has filled the ring with the message's first chunks
+    os.kill(pid, 9)
+    process.join(10)
+    assert bytes(reader.read(_soon())) == b"whole"
+    started = time.monotonic()
+    with pytest.raises(CoordinatorError, match=r"writer \(rank 3, pid \d+\) exited without closing"):
+        reader.read(_soon(30))  # the torn message is dropped, never returned
+    assert time.monotonic() - started < 5
+    reader.close()

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -171,3 +172,22 @@ def test_sigint_to_distrib_run_reaches_every_srun_task(slurm, tmp_path):
         for pid in pids:
             if alive(pid):
                 os.kill(pid, 9)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_under_bare_srun_a_rank_killed_in_a_barrier_is_named_by_the_others(slurm, tmp_path):
+    # No distrib launcher beside the tasks: the survivors' Coordinator calls must end
+    # (within their timeout) naming the rank that died, never hang.
+    from distrib.bench import _fault_rank
+
+    started = time.monotonic()
+    result = _run(slurm, [which("srun"), "-n", "3", os.sys.executable, _fault_rank.__file__],
+                  extra={"DISTRIB_FAULT_DIR": str(tmp_path), "DISTRIB_FAULT_KIND": "sigkill",
+                         "DISTRIB_FAULT_STAGE": "barrier"}, timeout=200)
+    assert time.monotonic() - started < 90, result.stderr  # the tasks' timeout is 60 s
+    assert result.returncode != 0
+    assert (tmp_path / "fault.0").exists()
+    survivors = re.findall(r"CoordinatorError: world barrier failed on rank ([12])\b.*hosted by rank 0 "
+                           r"\(no launcher beside the ranks\): rank 0 has probably exited", result.stderr)
+    assert sorted(set(survivors)) == ["1", "2"], result.stderr

@@ -14,9 +14,12 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 
 import pytest
+
+from distrib.launcher._rendezvous import HEARTBEAT_TIMEOUT
 
 from .conftest import CHANNEL_TRANSPORTS, alive, channel_results, read_pids, script, start_cli, wait_for
 
@@ -147,3 +150,43 @@ def test_broadcast_channel_across_hosts_uses_shared_memory_on_the_writers_host_a
         assert all(c["ok"] for c in record["channels"]), record
         first, second = (c["endpoint"] for c in record["channels"])
         assert first.startswith(f"tcp://{ADDRESSES[0]}:") and second.startswith(f"tcp://{ADDRESSES[1]}:")
+
+
+def test_each_host_listens_only_on_its_own_address_and_loopback(two_hosts):
+    nodes = [_node(two_hosts, k, "--show-ranks", "0-3", script("listening.py")) for k in (1, 0)]
+    (out1, err1), (out0, err0) = _finish(*nodes, timeout=150)
+    assert nodes[1].returncode == 0, err0
+    assert nodes[0].returncode == 0, err1
+    records = [json.loads(line) for out in (out0, out1)
+               for line in re.findall(r"^\[\d\] RESULT (.*)$", out, re.M)]
+    assert sorted(r["rank"] for r in records) == [0, 1, 2, 3]
+    assert ADDRESSES[0] in next(r for r in records if r["rank"] == 0)["launcher_listens"]  # the store
+    for record in records:
+        allowed = {"127.0.0.1", "::1", ADDRESSES[record["node"]]}
+        listens = set(record["rank_listens"] + record["launcher_listens"])
+        assert listens <= allowed, (record, "a wildcard or another host's address")
+
+
+@pytest.mark.parametrize("killed", [0, 1])
+def test_a_hosts_launcher_sigkilled_stops_the_other_host_naming_what_was_lost(two_hosts, tmp_path, killed):
+    nodes = [_node(two_hosts, k, "--grace", "2", script("hang_after_start.py"), str(tmp_path))
+             for k in (0, 1)]
+    try:
+        wait_for(lambda: all((tmp_path / f"rank{r}.pids").exists() for r in range(4)), 120,
+                 "all four ranks to start their coordinators")
+    except AssertionError:
+        outputs = _finish(*nodes, timeout=5)
+        raise AssertionError(f"ranks did not start: {outputs}")
+    pids = read_pids(tmp_path, 4)
+    killed_at = time.monotonic()
+    nodes[killed].send_signal(signal.SIGKILL)
+    survivor = 1 - killed
+    (_, err), = _finish(nodes[survivor], timeout=60)
+    _finish(nodes[killed], timeout=5)
+    # Node 1 sees node 0's store go at once; node 0 sees node 1's beats stop within the bound.
+    bound = 10 if killed == 0 else HEARTBEAT_TIMEOUT + 10
+    assert time.monotonic() - killed_at < bound, err
+    assert nodes[survivor].returncode not in (0, None), err
+    lost_ranks = "[01]" if killed == 0 else "[23]"
+    assert re.search(rf"nodes? {killed}\b|ranks? {lost_ranks}\b", err), err
+    wait_for(lambda: not any(alive(p) for p in pids), 10, "every worker on both hosts to be gone")
