@@ -116,7 +116,8 @@ def test_rendezvous_coordinator_and_gloo_all_reduce_across_hosts(two_hosts):
                                       for r in range(4)]
 
 
-def test_killing_one_hosts_workers_fails_the_other_host_cleanly(two_hosts, tmp_path):
+def _start_hanging_ranks(two_hosts, tmp_path):
+    """Both hosts' distrib-run with 2 ranks each that hang once started; (nodes, the 4 ranks' pids)."""
     nodes = [_node(two_hosts, k, "--grace", "2", script("hang_after_start.py"), str(tmp_path))
              for k in (0, 1)]
     try:
@@ -125,7 +126,11 @@ def test_killing_one_hosts_workers_fails_the_other_host_cleanly(two_hosts, tmp_p
     except AssertionError:
         outputs = _finish(*nodes, timeout=5)
         raise AssertionError(f"ranks did not start: {outputs}")
-    pids = read_pids(tmp_path, 4)
+    return nodes, read_pids(tmp_path, 4)
+
+
+def test_killing_one_hosts_workers_fails_the_other_host_cleanly(two_hosts, tmp_path):
+    nodes, pids = _start_hanging_ranks(two_hosts, tmp_path)
     for pid in pids[2:]:  # node 1's workers
         os.kill(pid, signal.SIGKILL)
     (out0, err0), (out1, err1) = _finish(*nodes, timeout=60)
@@ -169,15 +174,7 @@ def test_each_host_listens_only_on_its_own_address_and_loopback(two_hosts):
 
 @pytest.mark.parametrize("killed", [0, 1])
 def test_a_hosts_launcher_sigkilled_stops_the_other_host_naming_what_was_lost(two_hosts, tmp_path, killed):
-    nodes = [_node(two_hosts, k, "--grace", "2", script("hang_after_start.py"), str(tmp_path))
-             for k in (0, 1)]
-    try:
-        wait_for(lambda: all((tmp_path / f"rank{r}.pids").exists() for r in range(4)), 120,
-                 "all four ranks to start their coordinators")
-    except AssertionError:
-        outputs = _finish(*nodes, timeout=5)
-        raise AssertionError(f"ranks did not start: {outputs}")
-    pids = read_pids(tmp_path, 4)
+    nodes, pids = _start_hanging_ranks(two_hosts, tmp_path)
     killed_at = time.monotonic()
     nodes[killed].send_signal(signal.SIGKILL)
     survivor = 1 - killed
