@@ -13,7 +13,11 @@ from typing import Mapping, Optional
 
 from .errors import ConfigError
 
-__all__ = ["LaunchInfo", "ENV_VARS"]
+__all__ = ["LaunchInfo", "ENV_VARS", "SHARE_GPU_VAR"]
+
+# "1" in every process of a launch whose ranks share GPUs (the launchers' share_gpu):
+# communicators that need a GPU per rank (NCCL) read it to stand aside.
+SHARE_GPU_VAR = "DISTRIB_SHARE_GPU"
 
 # field name -> environment variable
 ENV_VARS = {

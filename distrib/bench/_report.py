@@ -9,6 +9,7 @@ gloo on CPUs) for the same mode, dtype and size.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -60,6 +61,15 @@ def summarize(per_rank: list[dict], meta: dict) -> dict:
 
 def write_json(summary: dict, path: Path) -> None:
     path.write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n")
+
+
+def save(summary: dict, table: str, out: Path, stem: str) -> None:
+    """``out``/``stem``.json and .md, then the table on stdout and the paths on stderr."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(summary, out / f"{stem}.json")
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+    print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}", file=sys.stderr)
 
 
 def size_text(size: int) -> str:

@@ -225,12 +225,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "pyzmq": first["pyzmq"], "msgpack": first["msgpack"], "spin_ms": _waiting.SPIN_SECONDS * 1e3,
             "max_sleep_ms": _waiting.MAX_SLEEP * 1e3, "config": config}
     summary = {"meta": meta, "results": summarize(per_rank, config)}
-    out = args.out or Path(tempfile.mkdtemp(prefix="distrib-bench-channel-"))
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"channel.np{config['nprocs']}"
-    _report.write_json(summary, out / f"{stem}.json")
-    table = markdown(summary)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
-    print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}", file=sys.stderr)
+    _report.save(summary, markdown(summary), args.out or Path(tempfile.mkdtemp(prefix="distrib-bench-channel-")),
+                 f"channel.np{config['nprocs']}")
     return 0

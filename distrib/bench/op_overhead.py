@@ -205,14 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "cpus_usable": len(os.sched_getaffinity(0)), "torch": first["torch"], "chain": first["chain"],
             "member": first["member"], "config": config}
     summary = {"meta": meta, "result": summarize(per_rank, args.limit)}
-    out = args.out or Path(tempfile.mkdtemp(prefix="distrib-bench-op-overhead-"))
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"op-overhead.{args.device}.np{args.nprocs}"
-    _report.write_json(summary, out / f"{stem}.json")
-    table = markdown(summary)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
-    print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}", file=sys.stderr)
+    _report.save(summary, markdown(summary), args.out or Path(tempfile.mkdtemp(prefix="distrib-bench-op-overhead-")),
+                 f"op-overhead.{args.device}.np{args.nprocs}")
     wrong = [name for name, r in summary["result"]["paths"].items() if not r["correct"]]
     if wrong:
         print(f"op-overhead: wrong results through {', '.join(wrong)}", file=sys.stderr)

@@ -14,6 +14,7 @@ import os
 from typing import Optional
 
 from ..errors import CommunicatorError
+from ..info import SHARE_GPU_VAR
 from .api import Communicator, DeviceType, DType, ReduceOp, TensorView, communicators
 from ._tensors import _torch_stream, stream_of
 
@@ -29,7 +30,6 @@ ncclDataType_t = {DType.INT8: 0, DType.UINT8: 1, DType.INT32: 2, DType.INT64: 4,
 ncclRedOp_t = {ReduceOp.SUM: 0, ReduceOp.PROD: 1, ReduceOp.MAX: 2, ReduceOp.MIN: 3, ReduceOp.AVG: 4}
 
 NCCL_UNIQUE_ID_BYTES = 128
-SHARE_GPU_VAR = "DISTRIB_SHARE_GPU"  # set by the launchers when ranks share a GPU
 ONE_RANK_PER_GPU = ("NCCL refuses two ranks on one GPU (since 2.5: 'Duplicate GPU detected', "
                     "ncclInvalidUsage)")
 _FIRST_WITH_BF16_AND_AVG = 21000  # NCCL 2.10.0 (ncclGetVersion: major*10000 + minor*100 + patch)

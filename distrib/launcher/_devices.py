@@ -8,9 +8,7 @@ from typing import Optional, Sequence
 from ..errors import ConfigError
 
 __all__ = ["visible_gpu_count", "usable_cpu_count", "auto_nprocs", "parse_devices", "assign_devices",
-           "shares_gpus", "SHARE_GPU_VAR"]
-
-SHARE_GPU_VAR = "DISTRIB_SHARE_GPU"  # "1" in every worker of a launch whose ranks share GPUs
+           "shares_gpus"]
 
 
 def visible_gpu_count() -> int:

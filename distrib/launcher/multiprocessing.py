@@ -33,9 +33,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 from .._network import loopback_gloo_env
 from .._text import format_ranks
 from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailedError, WorkerFailure
-from ..info import LaunchInfo
+from ..info import SHARE_GPU_VAR, LaunchInfo
 from .api import Launcher, launchers
-from ._devices import SHARE_GPU_VAR, assign_devices, shares_gpus
+from ._devices import assign_devices, shares_gpus
 from ._hangwatch import HangWatch
 from ._process import (die_with_parent, record_stop_signals, restore_signals, signal_name,
                        stop_processes)

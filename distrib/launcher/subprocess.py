@@ -31,9 +31,9 @@ from typing import Callable, Optional
 from .._text import format_ranks
 from ..errors import (ConfigError, CoordinatorError, DistribError, DistribTimeoutError,
                       LaunchError, WorkerFailedError, WorkerFailure)
-from ..info import LaunchInfo
+from ..info import SHARE_GPU_VAR, LaunchInfo
 from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR
-from ._devices import SHARE_GPU_VAR, assign_devices, auto_nprocs, shares_gpus
+from ._devices import assign_devices, auto_nprocs, shares_gpus
 from ._guardian import Guardian
 from ._hangwatch import HangWatch
 from ._output import OutputRelay

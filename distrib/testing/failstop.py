@@ -28,6 +28,15 @@ def custom(algorithm: Optional[str] = None, **options):
                                             max_bytes=1 << 20, **options)
 
 
+def error_of(call) -> Optional[str]:
+    """The message of the CommunicatorError ``call()`` raises, or None if it raises none."""
+    try:
+        call()
+    except distrib.CommunicatorError as exc:
+        return str(exc)
+    return None
+
+
 def outcome(out, expected) -> str:
     import torch
 
@@ -81,10 +90,9 @@ def late_peer(mode: str, algorithm: str, stall_rank: int, *, timeout: float = 0.
             with open(log, "a") as f:
                 f.write(json.dumps([rank, i, result, time.time()]) + "\n")
     if on_error == "raise":
-        try:
-            comm.check()
-        except distrib.CommunicatorError as exc:
-            outcomes.append(f"check: {exc}")
+        message = error_of(comm.check)
+        if message is not None:
+            outcomes.append(f"check: {message}")
     ctx.coordinator.barrier()
     comm.close()
     return outcomes
@@ -214,11 +222,7 @@ def replay_before_registration() -> dict:
         graph.replay()  # too early: the slot is empty
         torch.cuda.synchronize()
         report["early"] = "nan" if bool(torch.isnan(out).any()) else "not nan"
-        try:
-            comm.check()
-            report["early_check"] = None
-        except distrib.CommunicatorError as exc:
-            report["early_check"] = str(exc)
+        report["early_check"] = error_of(comm.check)
     comm.close()
 
     ctx2, comm2 = custom("one_shot", timeout=5.0, on_error="raise")
@@ -237,11 +241,7 @@ def replay_before_registration() -> dict:
     graph.replay()
     torch.cuda.synchronize()
     report["after_failed_registration"] = "nan" if bool(torch.isnan(out).any()) else "not nan"
-    try:
-        comm2.check()
-        report["late_check"] = None
-    except distrib.CommunicatorError as exc:
-        report["late_check"] = str(exc)
+    report["late_check"] = error_of(comm2.check)
     ctx2.coordinator.barrier()
     comm2.close()
     return report
@@ -253,8 +253,4 @@ def mismatched_limits() -> Optional[str]:
 
     ctx = distrib.init()
     max_bytes = (2 << 20) if ctx.info.rank == 1 else (1 << 20)
-    try:
-        CustomAllReduceCommunicator(ctx.coordinator, ctx.device, max_bytes=max_bytes).close()
-    except distrib.CommunicatorError as exc:
-        return str(exc)
-    return None
+    return error_of(lambda: CustomAllReduceCommunicator(ctx.coordinator, ctx.device, max_bytes=max_bytes).close())

@@ -144,14 +144,20 @@ def _writer_that_dies(conn) -> None:
     os._exit(0)  # no close()
 
 
-def test_a_reader_notices_a_dead_writer_at_once():
+def _reader_of_a_forked_writer(target):
+    """A writer forked to run ``target(conn)``, and a reader of its ring that it has been told about."""
     fork = multiprocessing.get_context("fork")
     parent, child = fork.Pipe()
-    process = fork.Process(target=_writer_that_dies, args=(child,))
+    process = fork.Process(target=target, args=(child,))
     process.start()
     path, pid = parent.recv()
     reader = RingReader(path, 0, readers=1, writer_rank=3, writer_pid=pid, max_bytes=1 << 20, **SHAPE)
     parent.send("open")
+    return parent, process, pid, reader
+
+
+def test_a_reader_notices_a_dead_writer_at_once():
+    parent, process, pid, reader = _reader_of_a_forked_writer(_writer_that_dies)
     assert bytes(reader.read(_soon())) == b"last words"
     process.join(10)
     started = time.monotonic()
@@ -267,13 +273,7 @@ def _writer_killed_mid_message(conn) -> None:
 
 
 def test_a_writer_killed_mid_message_delivers_no_part_of_it():
-    fork = multiprocessing.get_context("fork")
-    parent, child = fork.Pipe()
-    process = fork.Process(target=_writer_killed_mid_message, args=(child,))
-    process.start()
-    path, pid = parent.recv()
-    reader = RingReader(path, 0, readers=1, writer_rank=3, writer_pid=pid, max_bytes=1 << 20, **SHAPE)
-    parent.send("open")
+    parent, process, pid, reader = _reader_of_a_forked_writer(_writer_killed_mid_message)
     assert parent.recv() == "streaming"
     time.sleep(0.3)  # the writer has filled the ring with the message's first chunks
     os.kill(pid, 9)
