@@ -39,11 +39,12 @@
 //   1. __syncthreads()            every thread of the block has finished its
 //                                 stores (staging copy, partial results) and
 //                                 its loads of peer memory for this phase;
-//   2. st.release.sys  peer_p.arrive[b][r] = k
+//   2. fence.acq_rel.sys; st.relaxed.sys  peer_p.arrive[b][r] = k
 //   3. ld.acquire.sys  self.arrive[b][p] until >= k   (bounded, see below)
 //   4. __syncthreads()            the acquire is published to the whole block.
 // (1)+(2): bar.sync orders all of the block's prior accesses before thread p's
-// release store in causality order, and a release is cumulative, so a peer
+// fence, the fence and the store form a release pattern, and a release is
+// cumulative, so a peer
 // that observes the counter (3, acquire) also observes every store the block
 // made before the barrier (its staging copy, its scratch results), at system
 // scope, i.e. across the NVLink fabric. Prior *loads* are ordered too: the
@@ -55,9 +56,12 @@
 // Data written by earlier kernels on the stream (the caller's input in the
 // registered path) precede this kernel in stream order and hence precede the
 // release of the start barrier.
-// No __threadfence_system() is needed in the hot path: release/acquire at
-// .sys scope gives exactly the pairwise ordering required, without a full
-// fence (seed 000 measured ~6 µs for that fence on A100).
+// No __threadfence_system() (fence.sc) is needed in the hot path: the
+// acq_rel fence and the acquire loads at .sys scope give exactly the pairwise
+// ordering required (seed 000 measured ~6 µs for fence.sc on A100). The fence
+// is what st.release.sys compiles to anyway (MEMBAR.ALL.SYS before the
+// store); written out, it also orders the block's reads before the loads that
+// follow the store, which the last barrier's poison read needs (below).
 //
 // Bounded waits. Each wait spins on %globaltimer and gives up after
 // timeout_ns.
@@ -89,17 +93,29 @@
 // so the peers' blocks waiting there give up too (they see the poison, or
 // time out) and write NaN. Staging by a poisoned rank can therefore only
 // corrupt reads whose results are thrown away.
-// KNOWN GAP: a rank that gives up *at the last barrier* has already posted
-// its arrival there. If a peer's block stalled for the whole timeout between
-// the first and the last barrier (inside one kernel) and was still reading
-// when the rank that gave up moved on and overwrote its staging buffer (or
-// its caller its input), that peer finds the arrival posted, passes without
-// spinning, and so never reads its poison word: a torn sum could be kept.
-// The fix to make: read the poison word after the arrival is seen (ordered
-// after this block's reads), not only while spinning. Not yet measured.
+// That leaves a rank that gives up *at the last barrier*: it has already
+// posted its arrival there. A peer whose block stalled for the whole timeout
+// between two barriers may still be reading this rank's staging buffer (or
+// input) when the rank that gave up moves on and overwrites it; the peer then
+// finds the arrival posted and passes without spinning. So after posting its
+// own arrival at the last barrier, each block reads its poison word once more
+// and discards its output if it is set. Why that read cannot miss a torn
+// read (message passing): the rank that gave up CASes the poison and then
+// fences (__threadfence_system) before it ends its kernel, so the poison is
+// visible before any later write of its staging buffer or input; the reader
+// issues the poison load after the acq_rel fence of its arrival, which
+// orders every earlier read of the block (bar.sync, then the fence) before
+// it, so if any of those reads saw such a later write, the poison load comes
+// after that write and sees the poison.
+// If it does not see the poison, its reads all finished before the poison
+// was set, hence before any overwrite: the sum is whole. The load is issued
+// beside the first acquire load of the spin, so it costs no extra latency.
+// Only the one-shot needs it (its reads after the first barrier are of peers'
+// staging buffers and inputs, which a rank's next call rewrites); it is done
+// at the last barrier of every kernel alike.
 //
 // Why a Lamport result is never silently wrong: a poisoned rank pushes
-// nothing more (it checks its poison word before its first push), so peers
+// nothing more (each push is predicated on its poison word at entry), so peers
 // can only read data of calls that rank made before it stopped; a read that
 // waits for more sees the poison (or times out) and writes NaN. The rank
 // that gave up leaves its own buffer half consumed, but it never reads it
@@ -181,8 +197,12 @@ struct Context {
   uint4* lamport[DISTRIB_MAX_RANKS];
 };
 
-__device__ __forceinline__ void st_release_sys(u32* addr, u32 value) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(addr), "r"(value) : "memory");
+// A release pattern: every earlier access of this thread (and, after a
+// bar.sync, of its block) is ordered before the store, and before any later
+// load of this thread.
+__device__ __forceinline__ void arrive_release_sys(u32* addr, u32 value) {
+  asm volatile("fence.acq_rel.sys;\n\tst.relaxed.sys.global.u32 [%0], %1;" ::"l"(addr), "r"(value)
+               : "memory");
 }
 
 __device__ __forceinline__ u32 ld_acquire_sys(const u32* addr) {
@@ -222,6 +242,9 @@ __device__ void poison_all(const Context* ctx, int waited) {
   const u32 mark = ((u32)ctx->rank + 1u) | (((u32)waited + 1u) << 16);
 #pragma unroll
   for (int p = 0; p < N; ++p) atomicCAS_system(&ctx->signals[p]->poison, 0u, mark);
+  // The poison is visible everywhere before anything this rank does next
+  // (its next call's staging, its caller's next write of an input).
+  __threadfence_system();
 }
 
 // This block's share of the output becomes NaN (all-ones words are NaN in
@@ -231,21 +254,47 @@ __device__ __forceinline__ void poison_output(uint4* out, int packs) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < packs; i += gridDim.x * blockDim.x) out[i] = nan;
 }
 
-// A block's barrier. Returns false (for the whole block) if the call must
-// stop: the communicator was poisoned, a peer did not arrive in time, or
-// (first barrier of a registered call) the call's RankData slot is empty.
-// `poisoned` is this thread's early read of its own poison word (threads
-// < N read it at kernel entry, so the load's latency hides behind staging).
+// What thread p < N of a block needs for its barriers with peer p. Loaded
+// at kernel entry, so that these loads overlap each other (and the staging
+// copy) instead of lining up in front of the first arrival.
+struct Link {
+  u32* out;            // peer p's arrive[block][rank]: this block's arrivals
+  const u32* in;       // this rank's arrive[block][p]: peer p's arrivals
+  const u32* poison;   // this rank's poison word
+  u32 mark;            // the poison word at entry (0: not poisoned)
+  bool empty;          // a registered call whose input slot for peer p is empty
+};
+
 template <int N>
-__device__ __forceinline__ bool barrier(const Context* ctx, u32 target, u64 deadline, u32 call,
-                                        u32 poisoned, const RankData* check = nullptr) {
-  bool stop = false;
+__device__ __forceinline__ Link link(const Context* ctx, const RankData* data) {
+  Link l{};
   if (threadIdx.x < N) {
     const int peer = threadIdx.x;
-    if (poisoned) {
-      record_error(ctx, kPoisoned, poisoned, call);
+    Signal* self = ctx->self;
+    l.poison = &self->poison;
+    l.mark = kFailStop ? ld_volatile(l.poison) : 0u;
+    l.empty = kFailStop && data->ptrs[peer] == nullptr;
+    l.out = &ctx->signals[peer]->arrive[blockIdx.x][ctx->rank];
+    l.in = &self->arrive[blockIdx.x][peer];
+  }
+  return l;
+}
+
+enum BarrierKind { kFirst, kMiddle, kLast };
+
+// A block's barrier. Returns false (for the whole block) if the call must
+// stop: the communicator was poisoned (at entry, while waiting, or, at the
+// last barrier, by the time the peers' arrivals were seen), a peer did not
+// arrive in time, or (first barrier) the call's RankData slot is empty.
+template <int N, BarrierKind kKind>
+__device__ __forceinline__ bool barrier(const Context* ctx, const Link& link, u32 target, u64 deadline,
+                                        u32 call) {
+  bool stop = false;
+  if (kKind == kFirst && threadIdx.x < N) {
+    if (link.mark) {
+      record_error(ctx, kPoisoned, link.mark, call);
       stop = true;
-    } else if (kFailStop && check != nullptr && check->ptrs[peer] == nullptr) {
+    } else if (link.empty) {
       record_error(ctx, kUnregistered, (u32)ctx->rank, call);
       poison_all<N>(ctx, ctx->rank);
       stop = true;
@@ -256,11 +305,13 @@ __device__ __forceinline__ bool barrier(const Context* ctx, u32 target, u64 dead
   if (__syncthreads_or(stop)) return false;
   if (threadIdx.x < N) {
     const int peer = threadIdx.x;
-    st_release_sys(&ctx->signals[peer]->arrive[blockIdx.x][ctx->rank], target);
-    const u32* mine = &ctx->self->arrive[blockIdx.x][peer];
-    for (u32 spins = 1; (int)(ld_acquire_sys(mine) - target) < 0; ++spins) {
+    arrive_release_sys(link.out, target);
+    // Last barrier: the poison as it is once this block's reads are done
+    // (see "Fail-stop" above); issued beside the first arrival load.
+    const u32 late = kFailStop && kKind == kLast ? ld_volatile(link.poison) : 0u;
+    for (u32 spins = 1; (int)(ld_acquire_sys(link.in) - target) < 0; ++spins) {
       if ((spins & 15u) != 0u) continue;
-      const u32 mark = kFailStop ? ld_volatile(&ctx->self->poison) : 0u;
+      const u32 mark = kFailStop ? ld_volatile(link.poison) : 0u;
       if (mark) {
         record_error(ctx, kPoisoned, mark, call);
         stop = true;
@@ -273,9 +324,26 @@ __device__ __forceinline__ bool barrier(const Context* ctx, u32 target, u64 dead
         break;
       }
     }
+    if (!stop && late) {
+      record_error(ctx, kPoisoned, late, call);
+      stop = true;
+    }
   }
   return !__syncthreads_or(stop);
 }
+
+#ifdef DISTRIB_TEST_STALL_NS
+// Tests only: rank DISTRIB_TEST_STALL_RANK's kernels of call
+// DISTRIB_TEST_STALL_CALL stall here, between two barriers, for
+// DISTRIB_TEST_STALL_NS (a peer that stalls mid-call).
+__device__ __forceinline__ void test_stall(const Context* ctx, u32 call) {
+  if (ctx->rank != DISTRIB_TEST_STALL_RANK || call != (u32)DISTRIB_TEST_STALL_CALL) return;
+  const u64 until = global_timer_ns() + (u64)DISTRIB_TEST_STALL_NS;
+  while (global_timer_ns() < until) __nanosleep(1000);
+}
+#else
+__device__ __forceinline__ void test_stall(const Context*, u32) {}
+#endif
 
 // 16 bytes of T, reduced in float.
 template <typename T> struct Pack;
@@ -358,17 +426,18 @@ __global__ void __launch_bounds__(512) one_shot(const Context* __restrict__ ctx,
                                                 const RankData* __restrict__ data,
                                                 const uint4* __restrict__ in,
                                                 uint4* __restrict__ out, int packs, u32 call) {
-  const u32 poisoned = kFailStop && threadIdx.x < N ? ld_volatile(&ctx->self->poison) : 0u;
+  const Link l = link<N>(ctx, data);
   u32 epoch = ctx->self->epoch[blockIdx.x];
   const u64 deadline = global_timer_ns() + ctx->timeout_ns;
   stage_input(ctx, data, in, 0, packs);
-  bool ok = barrier<N>(ctx, ++epoch, deadline, call, poisoned, data);
+  bool ok = barrier<N, kFirst>(ctx, l, ++epoch, deadline, call);
   if (ok) {
+    test_stall(ctx, call);
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < packs; i += gridDim.x * blockDim.x)
       out[i] = reduce_pack<T, N>(data, i);
     // Nobody may overwrite its staging buffer (next call) or its input
     // (the caller's next kernel) until every peer has finished reading it.
-    ok = barrier<N>(ctx, ++epoch, deadline, call, 0u);
+    ok = barrier<N, kLast>(ctx, l, ++epoch, deadline, call);
   }
   if (kFailStop && !ok) poison_output(out, packs);
   if (threadIdx.x == 0) ctx->self->epoch[blockIdx.x] = epoch;
@@ -382,7 +451,7 @@ __global__ void __launch_bounds__(512) two_shot(const Context* __restrict__ ctx,
                                                 const RankData* __restrict__ data,
                                                 const uint4* __restrict__ in,
                                                 uint4* __restrict__ out, int packs, u32 call) {
-  const u32 poisoned = kFailStop && threadIdx.x < N ? ld_volatile(&ctx->self->poison) : 0u;
+  const Link l = link<N>(ctx, data);
   u32 epoch = ctx->self->epoch[blockIdx.x];
   const u64 deadline = global_timer_ns() + ctx->timeout_ns;
   const int part = (packs + N - 1) / N;
@@ -391,7 +460,7 @@ __global__ void __launch_bounds__(512) two_shot(const Context* __restrict__ ctx,
   // element i is then the block that peers' block of the same index reads it
   // with, which is what a per-block barrier can vouch for.
   for (int c = 0; c < N; ++c) stage_input(ctx, data, in, c * part, min((c + 1) * part, packs));
-  bool ok = barrier<N>(ctx, ++epoch, deadline, call, poisoned, data);
+  bool ok = barrier<N, kFirst>(ctx, l, ++epoch, deadline, call);
   if (ok) {
     {
       const int begin = rank * part, end = min(begin + part, packs);
@@ -402,8 +471,9 @@ __global__ void __launch_bounds__(512) two_shot(const Context* __restrict__ ctx,
         out[i] = v;
       }
     }
-    ok = barrier<N>(ctx, ++epoch, deadline, call, 0u);
+    ok = barrier<N, kMiddle>(ctx, l, ++epoch, deadline, call);
     if (ok) {
+      test_stall(ctx, call);
 #pragma unroll
       for (int step = 1; step < N; ++step) {
         const int p = (rank + step) % N;  // spread the reads over peers
@@ -413,7 +483,7 @@ __global__ void __launch_bounds__(512) two_shot(const Context* __restrict__ ctx,
           out[i] = scratch[i];
       }
       // Scratch and inputs stay untouched until every peer has copied out.
-      ok = barrier<N>(ctx, ++epoch, deadline, call, 0u);
+      ok = barrier<N, kLast>(ctx, l, ++epoch, deadline, call);
     }
   }
   if (kFailStop && !ok) poison_output(out, packs);
@@ -475,6 +545,15 @@ __device__ __forceinline__ void st_volatile_v4(uint4* addr, uint4 v) {
                "r"(v.z), "r"(v.w) : "memory");
 }
 
+// The same store, made only if `stop` is 0. A predicate rather than a branch:
+// the compiler would hoist a branch on the entry poison word out of the push
+// loop, and the input loads would then wait for the poison load.
+__device__ __forceinline__ void st_volatile_v4_unless(uint4* addr, uint4 v, u32 stop) {
+  asm volatile("{\n\t.reg .pred go;\n\tsetp.eq.u32 go, %5, 0;\n\t"
+               "@go st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};\n\t}" ::"l"(addr), "r"(v.x),
+               "r"(v.y), "r"(v.z), "r"(v.w), "r"(stop) : "memory");
+}
+
 __device__ __forceinline__ uint4 ld_volatile_v4(const uint4* addr) {
   uint4 v;
   asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -491,6 +570,7 @@ __global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restric
   // Issued first: its latency overlaps the input loads below.
   const u32 poisoned = kFailStop ? ld_volatile(&ctx->self->poison) : 0u;
   const u32 rotation = ctx->self->lamport_copy[blockIdx.x];
+  const u32 calls = threadIdx.x == 0 ? ctx->self->lamport_calls[blockIdx.x] : 0u;
   const int rank = ctx->rank;
   const long slot = ctx->lamport_slot_packs;
   // Offset of slot 0 of this call's copy, for this sentinel class.
@@ -500,10 +580,14 @@ __global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restric
 
   for (int i = first; i < packs; i += stride) {
     uint4 v = in[i];
-    if (poisoned) break;  // a stopped communicator publishes nothing more
     v = make_uint4(S::clean(v.x), S::clean(v.y), S::clean(v.z), S::clean(v.w));
 #pragma unroll
-    for (int p = 0; p < N; ++p) st_volatile_v4(ctx->lamport[p] + copy + rank * slot + i, v);
+    for (int p = 0; p < N; ++p) {
+      uint4* dst = ctx->lamport[p] + copy + rank * slot + i;
+      // A stopped communicator publishes nothing more.
+      if (kFailStop) st_volatile_v4_unless(dst, v, poisoned);
+      else st_volatile_v4(dst, v);
+    }
   }
 
   uint4* mine = ctx->lamport[rank] + copy;
@@ -552,7 +636,7 @@ __global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restric
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    ctx->self->lamport_calls[blockIdx.x] += 1u;
+    ctx->self->lamport_calls[blockIdx.x] = calls + 1u;
     ctx->self->lamport_copy[blockIdx.x] = rotation == 2u ? 0u : rotation + 1u;
   }
 }

@@ -126,11 +126,14 @@ class CustomAllReduceEngine:
     report, as NCCL's asynchronous error handling does) or ``"raise"`` (every
     later call raises :class:`CommunicatorError`; graph replays return NaN).
     ``fail_stop=False`` compiles the poison checks out and starts no watchdog:
-    only for measuring what fail-stop costs.
+    only for measuring what fail-stop costs. ``test_stall=(rank, call,
+    seconds)``, for tests only: that rank's one- and two-shot kernels of call
+    number ``call`` stall for ``seconds`` between two of their barriers.
     """
 
     def __init__(self, coordinator, device: int, limits: Limits, timeout_s: float,
-                 ranks_per_gpu: int = 1, on_error: str = "abort", fail_stop: bool = True):
+                 ranks_per_gpu: int = 1, on_error: str = "abort", fail_stop: bool = True,
+                 test_stall: Optional[tuple[int, int, float]] = None):
         import cupy
 
         self._cupy = cupy
@@ -154,7 +157,12 @@ class CustomAllReduceEngine:
 
         rt = cupy.cuda.runtime
         with cupy.cuda.Device(device):
-            self._module = _compile(self.world_size, fail_stop)
+            defines = () if fail_stop else ("-DDISTRIB_FAIL_STOP=0",)
+            if test_stall is not None:
+                rank, call, seconds = test_stall
+                defines += (f"-DDISTRIB_TEST_STALL_RANK={int(rank)}", f"-DDISTRIB_TEST_STALL_CALL={int(call)}",
+                            f"-DDISTRIB_TEST_STALL_NS={int(seconds * 1e9)}ull")
+            self._module = _compile(self.world_size, defines)
             # CUfunction handles, for the ctypes launcher.
             self._kernels = {(alg, t): self._module.get_function(
                 f"distrib::{alg}<{k}, {self.world_size}>").kernel.ptr
@@ -521,7 +529,7 @@ class _Watchdog:
             self._thread.join(timeout=1.0)
 
 
-def _compile(world_size: int, fail_stop: bool = True):
+def _compile(world_size: int, defines: tuple[str, ...] = ()):
     """NVRTC-compile the kernels for this world size (CuPy caches the result on disk)."""
     import cupy
 
@@ -529,7 +537,7 @@ def _compile(world_size: int, fail_stop: bool = True):
     code = (source_dir / "custom_all_reduce.cu").read_text()
     names = [f"distrib::{alg}<{k}, {world_size}>" for alg in ALGORITHMS
              for k in KERNEL_TYPES.values()] + ["distrib::p2p_write_test"]
-    options = ("--std=c++17", f"-I{source_dir}") + (() if fail_stop else ("-DDISTRIB_FAIL_STOP=0",))
+    options = ("--std=c++17", f"-I{source_dir}") + defines
     try:
         module = cupy.RawModule(code=code, options=options, name_expressions=names)
         module.compile()

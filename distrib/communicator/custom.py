@@ -76,10 +76,12 @@ class CustomAllReduceCommunicator(Communicator):
     def __init__(self, coordinator, device=None, *, debug: Optional[bool] = None,
                  max_bytes: Optional[int] = None, timeout: Optional[float] = None,
                  algorithm: Optional[str] = None, max_blocks: Optional[int] = None,
-                 on_error: Optional[str] = None, fail_stop: bool = True):
+                 on_error: Optional[str] = None, fail_stop: bool = True,
+                 test_stall: Optional[tuple[int, int, float]] = None):
         self._engine = None
         self._options = (max_bytes, timeout, algorithm, max_blocks, on_error)
-        self._fail_stop = fail_stop  # False only to measure what fail-stop costs
+        # For measurements and tests only (see CustomAllReduceEngine).
+        self._kernel_variant = dict(fail_stop=fail_stop, test_stall=test_stall)
         super().__init__(coordinator, device, debug=debug)
 
     # -- availability (cheap, local) ---------------------------------------------------
@@ -144,7 +146,7 @@ class CustomAllReduceCommunicator(Communicator):
         self.ranks_per_gpu = max(bus_ids.count(b) for b in bus_ids)
         self._engine = CustomAllReduceEngine(self.coordinator, self.device, limits, timeout,
                                              ranks_per_gpu=self.ranks_per_gpu, on_error=on_error,
-                                             fail_stop=self._fail_stop)
+                                             **self._kernel_variant)
         self.max_bytes = self._engine.limits.max_bytes
         self._check_p2p(bus_ids)
 

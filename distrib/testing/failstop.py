@@ -110,6 +110,40 @@ def late_peer_rounds(reps: int, stall_rank: int, **options) -> dict:
     return results
 
 
+def stalls_mid_call(algorithm: str, stall_rank: int, *, fail_stop: bool = True, timeout: float = 0.2,
+                    stall: float = 0.6, calls: int = 8, stall_at: int = 3) -> list[str]:
+    """``calls`` eager all-reduces enqueued back to back (fresh inputs, no sync between them);
+    ``stall_rank``'s kernel of call ``stall_at`` stalls *between two of its barriers*.
+
+    The peers give up at their last barrier, where they have already posted
+    their arrival, and their next call overwrites the staging buffer that the
+    stalled rank has yet to read: without fail-stop's last check the stalled
+    rank passes that barrier and keeps a torn sum (``fail_stop=False`` shows
+    it: the one-shot's outcome there is ``wrong``).
+    """
+    import torch
+
+    ctx, comm = custom(algorithm, timeout=timeout, on_error="raise", fail_stop=fail_stop,
+                       test_stall=(stall_rank, stall_at, stall))
+    rank, world = ctx.info.rank, ctx.info.world_size
+    n = NBYTES[algorithm] // 4
+    xs = [torch.full((n,), float(rank + 1 + i), device="cuda") for i in range(calls)]
+    outs = [torch.zeros_like(x) for x in xs]
+    ctx.coordinator.barrier()
+    launched = 0
+    for x, out in zip(xs, outs):
+        if error_of(lambda: comm.all_reduce(x, out=out)) is not None:
+            break
+        launched += 1
+    torch.cuda.synchronize()
+    outcomes = [outcome(out, torch.full_like(out, float(world * (world + 1) // 2 + world * i)))
+                for i, out in enumerate(outs[:launched])]
+    outcomes += ["raised"] * (calls - launched)
+    ctx.coordinator.barrier()
+    comm.close()
+    return outcomes
+
+
 def dies_mid_call(victim: int, log: str) -> None:
     """``victim`` SIGKILLs itself right after enqueueing an all-reduce; the others keep calling."""
     import signal

@@ -15,7 +15,7 @@ import pytest
 import distrib
 from distrib.testing.failstop import (ALGORITHMS, counters_across_the_wrap, dies_mid_call, late_peer,
                               late_peer_rounds, mismatched_limits, replay_before_registration,
-                              two_streams)
+                              stalls_mid_call, two_streams)
 from distrib.testing.placement import placement
 
 WORLD_SIZES = (2, 4, 8)
@@ -66,6 +66,23 @@ def test_by_default_a_late_peer_ends_the_launch_with_its_report(world, tmp_path)
     assert elapsed < 30.0, f"the launch ended after {elapsed:.1f}s; the stalled rank sleeps 30s"
     outcomes = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     assert all(result != "wrong" for _, _, result, _ in outcomes), outcomes
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_a_peer_stalled_between_its_barriers_never_keeps_a_torn_sum(world):
+    for algorithm in ("one_shot", "two_shot"):
+        results = _launch(stalls_mid_call, world, algorithm, world - 1)
+        for rank, outcomes in enumerate(results):
+            assert "wrong" not in outcomes, (algorithm, rank, outcomes)
+            assert outcomes[:3] == ["exact"] * 3, (algorithm, rank, outcomes)
+        # The peers gave up on it, so its stalled call cannot be whole.
+        assert results[world - 1][3] == "nan", (algorithm, results)
+
+
+def test_without_fail_stop_that_stall_does_tear_the_sum():
+    """The scenario above reaches the torn read: only the last barrier's poison check saves it."""
+    results = _launch(stalls_mid_call, 2, "one_shot", 1, fail_stop=False)
+    assert results[1][3] == "wrong", results
 
 
 def test_a_peer_that_dies_mid_call_ends_the_launch_naming_it(tmp_path):

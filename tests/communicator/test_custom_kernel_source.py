@@ -38,11 +38,17 @@ LIBS = [f"-L{Path(NVCC).parents[1] / 'lib'}"] if NVCC and (Path(NVCC).parents[1]
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed")
 
 
-@pytest.mark.parametrize("fail_stop", [1, 0])
-def test_every_kernel_instantiation_compiles_for_sm90a(tmp_path, fail_stop):
+# As built: by default, with fail-stop compiled out (to measure its cost), with a test's stall.
+VARIANTS = {"default": [], "no-fail-stop": ["-DDISTRIB_FAIL_STOP=0"],
+            "test-stall": ["-DDISTRIB_TEST_STALL_RANK=1", "-DDISTRIB_TEST_STALL_CALL=3",
+                           "-DDISTRIB_TEST_STALL_NS=600000000ull"]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_kernel_instantiation_compiles_for_sm90a(tmp_path, variant):
     source = kernel_source_dir() / "custom_all_reduce.cu"
     result = subprocess.run(
-        [NVCC, "-std=c++17", "-arch=sm_90a", "-DDISTRIB_INSTANTIATE_ALL", f"-DDISTRIB_FAIL_STOP={fail_stop}",
+        [NVCC, "-std=c++17", "-arch=sm_90a", "-DDISTRIB_INSTANTIATE_ALL", *VARIANTS[variant],
          "-Werror", "all-warnings", "-c", str(source), "-o", str(tmp_path / "custom_all_reduce.o")],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
