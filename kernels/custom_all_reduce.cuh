@@ -71,50 +71,39 @@
 // ---------------------------------------------------------------------------
 // A block that gives up (a peer did not arrive in time, or a graph replayed
 // before its inputs were registered) does three things:
-//   1. it writes NaN over its share of the output, so the call's result
-//      cannot pass for data (an exact partial result is overwritten too);
-//   2. it poisons the communicator: Signal::poison on every rank, itself
+//   1. it stops the communicator: Signal::poison on every rank, itself
 //      included, is set to its mark, (1 + its rank) | (1 + the peer it
-//      waited for) << 16 (system-scope CAS: the first wins), so that every
-//      rank can say who gave up on whom;
-//   3. it fills the host-mapped error record (first failure in this process
-//      wins), which the host's watchdog and every later launch read.
-// Every kernel reads its own rank's poison word before it publishes anything
-// (barrier arrivals, Lamport pushes), and again while it waits; a poisoned
-// call writes NaN and returns. So once any rank gave up, every later call on
-// every rank either finished exactly (it completed before the poison reached
-// it) or returns NaN and the host raises.
+//      waited for) << 16 (system-scope CAS: the first mark wins), so that
+//      every rank can say who gave up on whom; then it fences (system scope);
+//   2. it fills the host-mapped error record (first failure in this process
+//      wins), which the host's watchdog and every later launch read;
+//   3. it writes NaN over its share of the output, so the call's result
+//      cannot pass for data (an exact partial result is overwritten too).
+// A block that finds the poison set does the same, passing the mark it
+// found on. So a rank that has stopped does nothing more (no staging, no
+// arrival, no kernel of its caller's) before the poison is visible on every
+// rank. Every kernel reads its poison word while it waits; the barrier
+// kernels read it again right after posting their first and their last
+// arrival, the Lamport kernel before it pushes anything.
 //
 // Why a barrier kernel's output is not silently wrong: a block keeps its
-// output only if it passes its *last* barrier, which needs the same block of
-// every peer to have arrived there in the same call, i.e. to have finished
-// reading this rank's data and to have staged its own before the first
-// barrier. A rank that gave up at a barrier never arrives at the next one,
-// so the peers' blocks waiting there give up too (they see the poison, or
-// time out) and write NaN. Staging by a poisoned rank can therefore only
-// corrupt reads whose results are thrown away.
-// That leaves a rank that gives up *at the last barrier*: it has already
-// posted its arrival there. A peer whose block stalled for the whole timeout
-// between two barriers may still be reading this rank's staging buffer (or
-// input) when the rank that gave up moves on and overwrites it; the peer then
-// finds the arrival posted and passes without spinning. So after posting its
-// own arrival at the last barrier, each block reads its poison word once more
-// and discards its output if it is set. Why that read cannot miss a torn
-// read (message passing): the rank that gave up CASes the poison and then
-// fences (__threadfence_system) before it ends its kernel, so the poison is
-// visible before any later write of its staging buffer or input; the reader
-// issues the poison load after the acq_rel fence of its arrival, which
-// orders every earlier read of the block (bar.sync, then the fence) before
-// it, so if any of those reads saw such a later write, the poison load comes
-// after that write and sees the poison.
-// If it does not see the poison, its reads all finished before the poison
-// was set, hence before any overwrite: the sum is whole. The load is issued
-// beside the first acquire load of the spin, so it costs no extra latency.
-// Only the one-shot needs it (its reads after the first barrier are of peers'
-// staging buffers and inputs, which a rank's next call rewrites); it is done
-// at the last barrier of every kernel alike.
+// output only if its poison word is still clear right after its last
+// arrival. That load is ordered after every read the block made of peers'
+// memory (bar.sync, then the acq_rel fence of the arrival). While no rank has
+// stopped, the barriers pair up and the reads are whole. Once one has, a read
+// can only be torn by a write made after some rank stopped: its next call's
+// staging, its caller's next write of an input, or a write of a rank that
+// got past a barrier early thanks to an arrival that a stopped rank posted
+// out of step (a stopped block keeps fewer barrier counts). Every such write
+// is causally after that rank passed the poison on and fenced, so if a read
+// saw it, the load after it sees the poison (message passing through
+// release/acquire and the fence, which are cumulative); if the load sees no
+// poison, every read ended before any rank stopped, and the sum is whole.
+// The loads are issued beside the first arrival load of the spin, so they
+// cost no latency; and since nothing of peers' memory is read before the
+// first arrival, no kernel waits for its poison word at entry.
 //
-// Why a Lamport result is never silently wrong: a poisoned rank pushes
+// Why a Lamport result is never silently wrong: a stopped rank pushes
 // nothing more (each push is predicated on its poison word at entry), so peers
 // can only read data of calls that rank made before it stopped; a read that
 // waits for more sees the poison (or times out) and writes NaN. The rank
@@ -235,16 +224,33 @@ __device__ void record_error(const Context* ctx, u32 kind, u32 who, u32 call) {
   v->who_plus_one = who + 1u;
 }
 
-// Stops the communicator on every rank (see "Fail-stop" above); `waited`: the
-// peer this rank gave up on (itself for a refused replay).
+// The poison mark of this rank giving up on `waited` (itself for a refused replay).
+__device__ __forceinline__ u32 mark_of(const Context* ctx, int waited) {
+  return ((u32)ctx->rank + 1u) | (((u32)waited + 1u) << 16);
+}
+
+// Stops the communicator on every rank with `mark` (see "Fail-stop" above):
+// the first mark wins everywhere, and the poison is visible everywhere before
+// anything this rank does next.
 template <int N>
-__device__ void poison_all(const Context* ctx, int waited) {
-  const u32 mark = ((u32)ctx->rank + 1u) | (((u32)waited + 1u) << 16);
+__device__ void poison_all(const Context* ctx, u32 mark) {
 #pragma unroll
   for (int p = 0; p < N; ++p) atomicCAS_system(&ctx->signals[p]->poison, 0u, mark);
-  // The poison is visible everywhere before anything this rank does next
-  // (its next call's staging, its caller's next write of an input).
   __threadfence_system();
+}
+
+// A call that gave up on `waited` (kind kTimeout or kUnregistered).
+template <int N>
+__device__ void give_up(const Context* ctx, u32 kind, int waited, u32 call) {
+  if (kFailStop) poison_all<N>(ctx, mark_of(ctx, waited));
+  record_error(ctx, kind, (u32)waited, call);
+}
+
+// A call that found the communicator stopped: passes the mark on.
+template <int N>
+__device__ void stopped(const Context* ctx, u32 mark, u32 call) {
+  poison_all<N>(ctx, mark);
+  record_error(ctx, kPoisoned, mark, call);
 }
 
 // This block's share of the output becomes NaN (all-ones words are NaN in
@@ -261,7 +267,6 @@ struct Link {
   u32* out;            // peer p's arrive[block][rank]: this block's arrivals
   const u32* in;       // this rank's arrive[block][p]: peer p's arrivals
   const u32* poison;   // this rank's poison word
-  u32 mark;            // the poison word at entry (0: not poisoned)
   bool empty;          // a registered call whose input slot for peer p is empty
 };
 
@@ -272,7 +277,6 @@ __device__ __forceinline__ Link link(const Context* ctx, const RankData* data) {
     const int peer = threadIdx.x;
     Signal* self = ctx->self;
     l.poison = &self->poison;
-    l.mark = kFailStop ? ld_volatile(l.poison) : 0u;
     l.empty = kFailStop && data->ptrs[peer] == nullptr;
     l.out = &ctx->signals[peer]->arrive[blockIdx.x][ctx->rank];
     l.in = &self->arrive[blockIdx.x][peer];
@@ -283,49 +287,42 @@ __device__ __forceinline__ Link link(const Context* ctx, const RankData* data) {
 enum BarrierKind { kFirst, kMiddle, kLast };
 
 // A block's barrier. Returns false (for the whole block) if the call must
-// stop: the communicator was poisoned (at entry, while waiting, or, at the
-// last barrier, by the time the peers' arrivals were seen), a peer did not
-// arrive in time, or (first barrier) the call's RankData slot is empty.
+// stop: a peer did not arrive in time, the communicator is stopped (seen
+// while waiting or, at the first and last barrier, right after arriving), or
+// (first barrier) the call's input slot is empty. Nothing of peers' memory
+// has been read before the first barrier, so an empty slot is refused in time.
 template <int N, BarrierKind kKind>
 __device__ __forceinline__ bool barrier(const Context* ctx, const Link& link, u32 target, u64 deadline,
                                         u32 call) {
-  bool stop = false;
-  if (kKind == kFirst && threadIdx.x < N) {
-    if (link.mark) {
-      record_error(ctx, kPoisoned, link.mark, call);
-      stop = true;
-    } else if (link.empty) {
-      record_error(ctx, kUnregistered, (u32)ctx->rank, call);
-      poison_all<N>(ctx, ctx->rank);
-      stop = true;
-    }
-  }
   // Every thread's stores (staging, partial results) and peer loads of this
-  // phase are done before any arrival is published; a stop is known to all.
-  if (__syncthreads_or(stop)) return false;
+  // phase are done before any arrival is published.
+  __syncthreads();
+  bool stop = false;
   if (threadIdx.x < N) {
     const int peer = threadIdx.x;
     arrive_release_sys(link.out, target);
-    // Last barrier: the poison as it is once this block's reads are done
-    // (see "Fail-stop" above); issued beside the first arrival load.
-    const u32 late = kFailStop && kKind == kLast ? ld_volatile(link.poison) : 0u;
+    // The poison as it is once this block's reads are done (see "Fail-stop"
+    // above); issued beside the first arrival load.
+    const u32 late = kFailStop && kKind != kMiddle ? ld_volatile(link.poison) : 0u;
     for (u32 spins = 1; (int)(ld_acquire_sys(link.in) - target) < 0; ++spins) {
       if ((spins & 15u) != 0u) continue;
       const u32 mark = kFailStop ? ld_volatile(link.poison) : 0u;
       if (mark) {
-        record_error(ctx, kPoisoned, mark, call);
+        stopped<N>(ctx, mark, call);
         stop = true;
         break;
       }
       if (global_timer_ns() > deadline) {
-        record_error(ctx, kTimeout, (u32)peer, call);
-        if (kFailStop) poison_all<N>(ctx, peer);
+        give_up<N>(ctx, kTimeout, peer, call);
         stop = true;
         break;
       }
     }
     if (!stop && late) {
-      record_error(ctx, kPoisoned, late, call);
+      stopped<N>(ctx, late, call);
+      stop = true;
+    } else if (!stop && kKind == kFirst && link.empty) {
+      give_up<N>(ctx, kUnregistered, ctx->rank, call);
       stop = true;
     }
   }
@@ -567,16 +564,18 @@ __global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restric
                                                         const uint4* __restrict__ in,
                                                         uint4* __restrict__ out, int packs, u32 call) {
   typedef Sentinel<T> S;
-  // Issued first: its latency overlaps the input loads below.
-  const u32 poisoned = kFailStop ? ld_volatile(&ctx->self->poison) : 0u;
+  const int stride = gridDim.x * blockDim.x;
+  const int first = blockIdx.x * blockDim.x + threadIdx.x;
+  // Read by the threads that push (for a small call, a few warps: many loads
+  // of one word would queue behind each other); its latency overlaps the
+  // input loads below.
+  const u32 poisoned = kFailStop && first < packs ? ld_volatile(&ctx->self->poison) : 0u;
   const u32 rotation = ctx->self->lamport_copy[blockIdx.x];
   const u32 calls = threadIdx.x == 0 ? ctx->self->lamport_calls[blockIdx.x] : 0u;
   const int rank = ctx->rank;
   const long slot = ctx->lamport_slot_packs;
   // Offset of slot 0 of this call's copy, for this sentinel class.
   const long copy = ((long)rotation * 2 + S::cls) * N * slot;
-  const int stride = gridDim.x * blockDim.x;
-  const int first = blockIdx.x * blockDim.x + threadIdx.x;
 
   for (int i = first; i < packs; i += stride) {
     uint4 v = in[i];
@@ -594,7 +593,7 @@ __global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restric
   const uint4 empty = make_uint4(S::word, S::word, S::word, S::word);
   const u64 deadline = global_timer_ns() + ctx->timeout_ns;
   bool ok = poisoned == 0u;
-  if (!ok) record_error(ctx, kPoisoned, poisoned, call);
+  if (!ok) stopped<N>(ctx, poisoned, call);
   for (int i = first; i < packs && ok; i += stride) {
     float acc[Pack<T>::n], x[Pack<T>::n];
 #pragma unroll
@@ -604,13 +603,12 @@ __global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restric
         if ((spins & 1023u) == 0u) {
           const u32 mark = kFailStop ? ld_volatile(&ctx->self->poison) : 0u;
           if (mark) {
-            record_error(ctx, kPoisoned, mark, call);
+            stopped<N>(ctx, mark, call);
             ok = false;
             break;
           }
           if (global_timer_ns() > deadline) {
-            record_error(ctx, kTimeout, (u32)p, call);
-            if (kFailStop) poison_all<N>(ctx, p);
+            give_up<N>(ctx, kTimeout, p, call);
             ok = false;
             break;
           }

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 from . import _report
 
-PATHS = ("direct", "operator")
+PATHS = ("direct", "operator", "kernel")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +84,9 @@ def run_rank(config: dict) -> dict:
     x = torch.zeros(config["size"] // 4, dtype=torch.float32, device=device)
     operator, handle = _ops.operator("all_reduce_"), comm.handle
     paths = {"direct": lambda: comm.all_reduce(x),
-             "operator": lambda: operator(x, handle, "sum")}
+             "operator": lambda: operator(x, handle, "sum"),
+             # What the operator runs, without PyTorch's dispatcher in front: the split of its cost.
+             "kernel": lambda: _ops._all_reduce_(x, handle, "sum")}
     if config["compiled"]:
         compiled = torch.compile(lambda t: comm.all_reduce(t), fullgraph=True)
         paths["compiled"] = lambda: compiled(x)
@@ -168,7 +170,8 @@ def markdown(summary: dict) -> str:
              f"{config['calls']} calls per sample, {config['repeats']} samples per path (paths alternating); "
              "per sample the slowest rank; the median over samples. `direct`: `comm.all_reduce(x)`; "
              "`operator`: `torch.ops.distrib.all_reduce_.default(x, comm.handle, \"sum\")`, the call "
-             "compiled graphs make"
+             "compiled graphs make; `kernel`: `_ops._all_reduce_(x, comm.handle, \"sum\")`, the Python function "
+             "the operator runs, called without PyTorch's dispatcher"
              + ("; `compiled`: `torch.compile(lambda x: comm.all_reduce(x), fullgraph=True)`" if "compiled"
                 in result["paths"] else "") + ".", "",
              "| path | median µs | min | max | × direct | + µs |",

@@ -88,12 +88,14 @@ def _scattered_shape(shape: tuple, numel: int, world_size: int) -> tuple:
 
 # -- what runs: the eager call, through the communicator the handle names --------------------
 
+# The hot one (small all-reduces in decode loops) skips the public method's
+# "is torch.compile tracing?" test: an operator's kernel runs only eagerly.
 def _all_reduce_(tensor, handle: int, op: str) -> None:
-    _handles.lookup(handle).all_reduce(tensor, op)
+    _handles.lookup(handle)._eager_all_reduce(tensor, op, None)
 
 
 def _all_reduce_out(tensor, out, handle: int, op: str) -> None:
-    _handles.lookup(handle).all_reduce(tensor, op, out=out)
+    _handles.lookup(handle)._eager_all_reduce(tensor, op, out)
 
 
 def _all_gather_out(tensor, out, handle: int) -> None:
@@ -169,7 +171,11 @@ def _register() -> Any:
     for name, (schema, kernel, fake) in _SCHEMAS.items():
         library.define(name + schema)
         # One kernel for every device: the communicator decides what it can take.
-        library.impl(name, kernel, "CompositeExplicitAutograd")
+        # Registered for CPU and CUDA as well: PyTorch reaches a backend's own
+        # kernel faster than the composite one (measured on one H200's host:
+        # 1.9 against 3.7 µs per call of an empty Python kernel).
+        for key in ("CPU", "CUDA", "CompositeExplicitAutograd"):
+            library.impl(name, kernel, key)
         torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=library)
     return library
 

@@ -32,6 +32,9 @@ class ReduceOp(_StrEnum):
         """``op`` as a ReduceOp; raises :class:`ConfigError` for an unknown name."""
         if op.__class__ is cls:
             return op  # type: ignore[return-value]
+        member = cls._value2member_map_.get(op) if op.__class__ is str else None
+        if member is not None:
+            return member  # type: ignore[return-value]  # the names compiled graphs pass
         try:
             return cls(op.lower() if isinstance(op, str) else op)
         except ValueError:

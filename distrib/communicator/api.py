@@ -137,6 +137,10 @@ class Communicator(ABC):
         if _handles.compiling():
             from . import _ops
             return _ops.all_reduce(self, tensor, op, out)
+        return self._eager_all_reduce(tensor, op, out)
+
+    def _eager_all_reduce(self, tensor: Any, op: Any, out: Any) -> Any:
+        """:meth:`all_reduce` when nothing is being traced (what the operator of a compiled graph runs)."""
         return self._run(Collective.ALL_REDUCE, tensor, op, out, 0)
 
     def all_gather(self, tensor: Any, *, out: Any = None) -> Any:

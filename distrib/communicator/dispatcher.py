@@ -117,6 +117,9 @@ class Dispatcher(Communicator):
         if _handles.compiling():  # torch.compile is tracing: record the operator (see Communicator)
             from . import _ops
             return _ops.all_reduce(self, tensor, op, out)
+        return self._eager_all_reduce(tensor, op, out)
+
+    def _eager_all_reduce(self, tensor: Any, op: Any, out: Any) -> Any:
         torch = sys.modules.get("torch")  # a torch tensor implies torch is imported
         if torch is None or self.debug or self._closed or tensor.__class__ is not torch.Tensor:
             return self._run(Collective.ALL_REDUCE, tensor, op, out, 0)

@@ -10,7 +10,7 @@ import pytest
 from distrib.bench import op_overhead
 
 
-def test_a_tiny_run_checks_both_paths_and_writes_a_record_and_a_table(tmp_path):
+def test_a_tiny_run_checks_every_path_and_writes_a_record_and_a_table(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "distrib.bench", "op-overhead", "--nprocs", "2", "--calls", "20",
          "--repeats", "5", "--warmup", "2", "--out", str(tmp_path), "--commit", "test-commit"],
@@ -19,7 +19,7 @@ def test_a_tiny_run_checks_both_paths_and_writes_a_record_and_a_table(tmp_path):
     summary = json.loads((tmp_path / "op-overhead.cpu.np2.json").read_text())
     meta, paths = summary["meta"], summary["result"]["paths"]
     assert meta["commit"] == "test-commit" and meta["nprocs"] == 2 and meta["member"] == "gloo"
-    assert set(paths) == {"direct", "operator"}
+    assert set(paths) == {"direct", "operator", "kernel"}
     for record in paths.values():
         assert record["correct"]  # each path really reduced before it was timed
         assert len(record["samples_us"]) == 5 and 0 < record["min_us"] <= record["median_us"] <= record["max_us"]
