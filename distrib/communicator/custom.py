@@ -21,7 +21,7 @@ Fail-stop: a kernel that gives up waiting for a peer writes NaN into its
 output and stops the communicator on every rank; a watchdog thread then ends
 the process with a report (``on_error="abort"``, the default) or every later
 call raises (``on_error="raise"``), so that a late peer never yields a wrong
-sum that looks right (one known gap is described in the kernel's comments).
+sum that looks right (the argument is in the kernel's comments).
 
 Ranks may share a GPU (the launchers' ``share_gpu`` mode): CUDA IPC works
 between processes on one device, and the kernels' block counts are capped so
