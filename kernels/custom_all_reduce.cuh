@@ -104,7 +104,8 @@
 // first arrival, no kernel waits for its poison word at entry.
 //
 // Why a Lamport result is never silently wrong: a stopped rank pushes
-// nothing more (each push is predicated on its poison word at entry), so peers
+// nothing more (each push is predicated on its own poison word, which it set
+// itself when it stopped), so peers
 // can only read data of calls that rank made before it stopped; a read that
 // waits for more sees the poison (or times out) and writes NaN. The rank
 // that gave up leaves its own buffer half consumed, but it never reads it
@@ -566,10 +567,14 @@ __global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restric
   typedef Sentinel<T> S;
   const int stride = gridDim.x * blockDim.x;
   const int first = blockIdx.x * blockDim.x + threadIdx.x;
-  // Read by the threads that push (for a small call, a few warps: many loads
-  // of one word would queue behind each other); its latency overlaps the
-  // input loads below.
-  const u32 poisoned = kFailStop && first < packs ? ld_volatile(&ctx->self->poison) : 0u;
+  // Read by the threads that push. A plain load (it shares a cache line with
+  // the rotation, so it costs nothing): what must be seen here is only this
+  // rank's own stop, and a rank that stopped has itself passed the poison on
+  // (CAS into its own word, then a fence) in an earlier kernel of its stream,
+  // whose writes every later kernel sees. Another rank's poison that this
+  // rank has not seen yet does not make its pushes unsafe: it is still in
+  // step, and the spin below sees the poison.
+  const u32 poisoned = kFailStop && first < packs ? ctx->self->poison : 0u;
   const u32 rotation = ctx->self->lamport_copy[blockIdx.x];
   const u32 calls = threadIdx.x == 0 ? ctx->self->lamport_calls[blockIdx.x] : 0u;
   const int rank = ctx->rank;
