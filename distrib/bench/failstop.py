@@ -54,8 +54,8 @@ def _scenarios_worker(reps: int) -> dict:
     out = {"late_peer": failstop.late_peer_rounds(reps, world - 1, timeout=0.2, stall=0.6, calls=7)}
     out["stall_mid_call"] = {alg: [failstop.stalls_mid_call(alg, world - 1) for _ in range(reps)]
                              for alg in ("one_shot", "two_shot")}
-    out["wrap"] = [failstop.counters_across_the_wrap(3000)[0] for _ in range(max(1, reps // 10))]
-    out["two_streams"] = [failstop.two_streams(2000) for _ in range(max(1, reps // 10))]
+    out["wrap"] = [failstop.counters_across_the_wrap(3000)[0] for _ in range(reps)]
+    out["two_streams"] = [failstop.two_streams(2000) for _ in range(reps)]
     out["replay_before_registration"] = [failstop.replay_before_registration() for _ in range(reps)]
     out["mismatched_limits"] = [failstop.mismatched_limits() for _ in range(reps)]
     return out
