@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 
-from .errors import ConfigError, CoordinatorError
+from .errors import ConfigError, CoordinatorError, LaunchError
 from .info import LaunchInfo
 from .ports import AddressInUse, bind_first_free, is_address_in_use
 
@@ -137,6 +137,84 @@ def host_store(launch_id: str, world_size: int, port: int | None = None, timeout
     store = TCPStore(client_address, bound, world_size, is_master=True, wait_for_workers=False,
                      timeout=_timedelta(timeout), master_listen_fd=listener.detach())
     return store, bound
+
+
+class StoreProcess:
+    """A launcher's one-node store, hosted by a small helper process of its own.
+
+    The store is torch's TCPStore, and importing torch takes seconds under
+    load and keeps the importing process slow to exit (its teardown walks
+    every object of a thousand modules). In a helper, neither is the
+    launcher's: it supervises its workers from the start, acts on a rank's
+    failure or a Ctrl-C at once, and exits in milliseconds (``distrib.launch``
+    runs in the user's own process, which need not import torch at all).
+    ``listener`` (from :func:`bind_listener`) is bound already and passed on,
+    so workers that connect before the store is up wait in its listen backlog.
+
+    The helper lives in its own session (a terminal's Ctrl-C is the launcher's
+    to handle), and ends when the launcher closes it or dies: its stdin is a
+    pipe from the launcher, and its end of file ends the helper.
+    """
+
+    def __init__(self, listener: socket.socket, timeout: float = 300.0):
+        import subprocess
+        import sys
+
+        self._closed = False
+        # The launcher's own import path, so that the helper finds the torch it would.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _STORE_SOURCE, str(listener.fileno()), repr(float(timeout))],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+            pass_fds=(listener.fileno(),), start_new_session=True)
+        listener.close()  # the helper holds the socket now
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def check(self) -> None:
+        """Raise LaunchError if the helper has ended (it could not host the store)."""
+        if self._closed or self._process.poll() is None:
+            return
+        error = self._process.stderr.read().decode(errors="replace").strip()
+        self.close()
+        raise LaunchError(f"could not start the rendezvous store (its process exited with status "
+                          f"{self._process.returncode}): {error[-2000:] or 'no message'}")
+
+    def close(self) -> None:
+        """End the helper (its clients, the workers, are gone by now). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._process.kill()  # nothing of it needs a clean exit, and it may still be importing torch
+        self._process.wait()
+        for stream in (self._process.stdin, self._process.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+# The helper's whole program: ``python -c _STORE_SOURCE <listening fd> <timeout s>``.
+_STORE_SOURCE = """
+import datetime, os, socket, sys, threading
+
+def end_with_launcher():
+    sys.stdin.buffer.read()  # returns when the launcher closes the pipe, or dies
+    os._exit(0)
+
+threading.Thread(target=end_with_launcher, daemon=True).start()
+from torch.distributed import TCPStore
+
+listener = socket.socket(fileno=int(sys.argv[1]))
+address, port = listener.getsockname()[:2]
+# Handed a bound socket, TCPStore listens where that socket does.
+store = TCPStore({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address), port, 1, is_master=True,
+                 wait_for_workers=False, timeout=datetime.timedelta(seconds=float(sys.argv[2])),
+                 master_listen_fd=listener.detach())
+threading.Event().wait()
+"""
 
 
 def connect_store(info: LaunchInfo, timeout: float):

@@ -1,8 +1,10 @@
 """The multiprocessing launcher behind :func:`distrib.launch`.
 
-The launching process hosts the rendezvous store (bound before any worker
-starts, so the port cannot be taken), starts one process per rank, and
-supervises them: results come back over a pipe per rank, and the first
+The launching process binds the rendezvous store's port before any worker
+starts (so that it cannot be taken) and hands it to a helper process that
+hosts the store (see :class:`~distrib._store.StoreProcess`: the launching
+process never waits for torch), starts one process per rank, and supervises
+them: results come back over a pipe per rank, and the first
 failure (an exception, a signal, a non-zero exit) tears the others down.
 
 Workers lead their own process groups, so a worker's children go with it
@@ -73,12 +75,16 @@ class MultiprocessingLauncher(Launcher):
         # came while torch is imported could otherwise be lost in its C code.
         signals: list[int] = []
         previous_handlers = record_stop_signals(signals)
+        store = None
         try:
             device_of = _assign_devices(devices, nprocs, share_gpu)
             launch_id = launch_id or uuid.uuid4().hex
-            from .._store import AGENT_STORE_VAR, host_store, store_host
+            from .._store import AGENT_STORE_VAR, StoreProcess, bind_listener, store_host
 
-            store, port = host_store(launch_id, nprocs, port=master_port, host=store_host("127.0.0.1", 1))
+            # The port now; the store (which imports torch) in a helper process, while the
+            # workers start: nothing here waits for torch (see StoreProcess).
+            listener, port = bind_listener(launch_id, master_port, store_host("127.0.0.1", 1))
+            store = StoreProcess(listener)
             secret = secrets.token_hex(16)
             ctx = mp.get_context(self.start_method)
             if self.start_method == "forkserver":
@@ -90,6 +96,8 @@ class MultiprocessingLauncher(Launcher):
             hangwatch.install_signal()
             mps = None
         except BaseException:
+            if store is not None:
+                store.close()
             restore_signals(previous_handlers)
             raise
         # A single-node launch talks over loopback only: gloo too (the store and the
@@ -117,7 +125,7 @@ class MultiprocessingLauncher(Launcher):
                                        worker_env, device_of[rank]))
                 workers[-1].start()
                 hangwatch.watch(rank, workers[-1].process.pid)
-            results = _supervise(workers, timeout, hangwatch, signals, mps)
+            results = _supervise(workers, timeout, hangwatch, signals, mps, store)
             if signals and signals[0] == signal.SIGINT:
                 raise KeyboardInterrupt  # as Python would have, now raised where we stop the ranks
             return results
@@ -132,7 +140,7 @@ class MultiprocessingLauncher(Launcher):
             if mps is not None:
                 mps.close()  # after the workers, its clients; before the scratch folder its pipes are in
             shutil.rmtree(scratch, ignore_errors=True)
-            del store
+            store.close()
             restore_signals(previous_handlers)
             if signals and signals[0] == signal.SIGTERM:
                 os.kill(os.getpid(), signal.SIGTERM)  # die of it, as without us, now that ranks are stopped
@@ -246,13 +254,15 @@ class _Worker:
 
 
 def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: HangWatch,
-               signals: list[int], mps=None) -> list[Any]:
+               signals: list[int], mps=None, store=None) -> list[Any]:
     deadline = None if timeout is None else time.monotonic() + timeout
     running = {w.rank: w for w in workers}
     settle_until = None
     while running:
         if signals:
             return []  # the caller stops the ranks, then raises KeyboardInterrupt or dies of SIGTERM
+        if store is not None:
+            store.check()
         waitables = {}
         for w in running.values():
             waitables[w.process.sentinel] = (w, "exit")
