@@ -270,6 +270,10 @@ def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: Hang
                 waitables[w.conn] = (w, "report")
         remaining = _POLL if deadline is None else max(0.0, min(_POLL, deadline - time.monotonic()))
         ready = mp_connection.wait(list(waitables), timeout=remaining)
+        if signals:
+            # A Ctrl-C to the terminal's group also reaches workers still starting (not yet
+            # leading their own group): their death of it is no failure of theirs.
+            return []
         # Reports before exits: a worker's exception explains its exit.
         for obj in sorted(ready, key=lambda o: waitables[o][1] != "report"):
             worker, event = waitables[obj]
