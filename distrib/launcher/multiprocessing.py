@@ -12,7 +12,8 @@ and a terminal's Ctrl-C reaches only the launcher, which stops everything
 (then raises KeyboardInterrupt; after SIGTERM it dies of that signal). A stop
 reaches a worker whatever it is doing, even one still starting (see
 :func:`~distrib.launcher._process.stop_processes`). Workers die with the
-launcher even when it is SIGKILLed (PR_SET_PDEATHSIG).
+launcher even when it is SIGKILLed (PR_SET_PDEATHSIG), and a guardian process
+then stops their children and removes the launch's scratch folder.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailed
 from ..info import SHARE_GPU_VAR, LaunchInfo
 from .api import Launcher, launchers
 from ._devices import assign_devices, shares_gpus
+from ._guardian import Guardian
 from ._hangwatch import HangWatch
 from ._process import (die_with_parent, record_stop_signals, restore_signals, signal_name,
                        stop_processes)
@@ -103,7 +105,11 @@ class MultiprocessingLauncher(Launcher):
         # A single-node launch talks over loopback only: gloo too (the store and the
         # monitor bind it already), unless the caller chose an interface.
         env = {**loopback_gloo_env(), **(env or {})}
+        guardian = None
         try:
+            # Kills the workers' children and removes the scratch folder if we are SIGKILLed.
+            guardian = Guardian.start()
+            guardian.remove_later(scratch)
             shared_env = {}
             if shares_gpus(device_of):
                 from ._mps import start_mps
@@ -124,6 +130,7 @@ class MultiprocessingLauncher(Launcher):
                 workers.append(_Worker(ctx, rank, target, tuple(args), dict(kwargs or {}),
                                        worker_env, device_of[rank]))
                 workers[-1].start()
+                guardian.watch(workers[-1].process.pid)  # its group, once it leads one
                 hangwatch.watch(rank, workers[-1].process.pid)
             results = _supervise(workers, timeout, hangwatch, signals, mps, store)
             if signals and signals[0] == signal.SIGINT:
@@ -140,6 +147,8 @@ class MultiprocessingLauncher(Launcher):
             if mps is not None:
                 mps.close()  # after the workers, its clients; before the scratch folder its pipes are in
             shutil.rmtree(scratch, ignore_errors=True)
+            if guardian is not None:
+                guardian.release()
             store.close()
             restore_signals(previous_handlers)
             if signals and signals[0] == signal.SIGTERM:

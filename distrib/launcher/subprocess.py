@@ -153,6 +153,7 @@ class _Launch:
                 self.mps = start_mps(scratch, relay.note)
                 self.shared_env = {SHARE_GPU_VAR: "1", **(self.mps.env if self.mps else {})}
             guardian = Guardian.start()
+            guardian.remove_later(scratch)
             for local_rank in range(self.nprocs):
                 info = LaunchInfo(launch_id=launch_id, rank=offset + local_rank,
                                   world_size=world_size, local_rank=local_rank,
@@ -168,14 +169,14 @@ class _Launch:
             restore_signals(previous_handlers)
             if self.hangwatch is not None:
                 self.hangwatch.close()
-            if guardian is not None:
-                guardian.release()
             if relay is not None:
                 relay.close(timeout=5.0)
             if self.mps is not None:
                 self.mps.close()  # after the workers, its clients
             self._leave()
             shutil.rmtree(scratch, ignore_errors=True)
+            if guardian is not None:
+                guardian.release()  # after the folder: a launcher killed before is still covered
             if isinstance(store, StoreProcess):
                 store.close()
             del store
