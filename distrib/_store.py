@@ -153,7 +153,8 @@ class StoreProcess:
 
     The helper lives in its own session (a terminal's Ctrl-C is the launcher's
     to handle), and ends when the launcher closes it or dies: its stdin is a
-    pipe from the launcher, and its end of file ends the helper.
+    pipe from the launcher, and its end of file ends the helper (on Linux the
+    kernel also kills it when the launcher dies, PR_SET_PDEATHSIG).
     """
 
     def __init__(self, listener: socket.socket, timeout: float = 300.0):
@@ -164,7 +165,8 @@ class StoreProcess:
         # The launcher's own import path, so that the helper finds the torch it would.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self._process = subprocess.Popen(
-            [sys.executable, "-c", _STORE_SOURCE, str(listener.fileno()), repr(float(timeout))],
+            [sys.executable, "-c", _STORE_SOURCE, str(listener.fileno()), repr(float(timeout)),
+             str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
             pass_fds=(listener.fileno(),), start_new_session=True)
         listener.close()  # the helper holds the socket now
@@ -196,9 +198,17 @@ class StoreProcess:
                 pass
 
 
-# The helper's whole program: ``python -c _STORE_SOURCE <listening fd> <timeout s>``.
+# The helper's whole program: ``python -c _STORE_SOURCE <listening fd> <timeout s> <launcher pid>``.
 _STORE_SOURCE = """
 import datetime, os, socket, sys, threading
+
+if sys.platform.startswith("linux"):
+    # Die with the launcher at once, even while importing torch (which holds the GIL
+    # for a while at a time, so the thread below may take a moment to see the pipe end).
+    import ctypes, signal
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(sys.argv[3]):
+        os._exit(0)  # the launcher died before that
 
 def end_with_launcher():
     sys.stdin.buffer.read()  # returns when the launcher closes the pipe, or dies
