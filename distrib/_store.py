@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 
 from .errors import ConfigError, CoordinatorError, LaunchError
 from .info import LaunchInfo
@@ -139,7 +140,38 @@ def host_store(launch_id: str, world_size: int, port: int | None = None, timeout
     return store, bound
 
 
-class StoreProcess:
+class OneNodeStore:
+    """The store of a one-node launch, as its launcher holds it (see :func:`one_node_store`)."""
+
+    def check(self) -> None:
+        """Raise LaunchError if the store has failed."""
+
+    def close(self) -> None:
+        """End the store (its clients, the workers, are gone by now). Idempotent."""
+
+
+def one_node_store(listener: socket.socket, timeout: float = 300.0) -> OneNodeStore:
+    """Host a one-node launch's store on ``listener`` (from :func:`bind_listener`).
+
+    In this process if torch is imported here already (the store then costs
+    nothing, and the process's exit pays for torch anyway); otherwise in a
+    helper process (:class:`StoreProcess`), so that the launcher never waits
+    for torch to import, nor to tear down at exit.
+    """
+    if "torch" in sys.modules:
+        return _StoreHere(listener, timeout)
+    return StoreProcess(listener, timeout)
+
+
+class _StoreHere(OneNodeStore):
+    def __init__(self, listener: socket.socket, timeout: float):
+        self._store, _ = host_store("", 1, timeout=timeout, listener=listener)
+
+    def close(self) -> None:
+        self._store = None  # the server stops with its last reference
+
+
+class StoreProcess(OneNodeStore):
     """A launcher's one-node store, hosted by a small helper process of its own.
 
     The store is torch's TCPStore, and importing torch takes seconds under
@@ -159,7 +191,6 @@ class StoreProcess:
 
     def __init__(self, listener: socket.socket, timeout: float = 300.0):
         import subprocess
-        import sys
 
         self._closed = False
         # The launcher's own import path, so that the helper finds the torch it would.

@@ -1,10 +1,10 @@
 """The multiprocessing launcher behind :func:`distrib.launch`.
 
 The launching process binds the rendezvous store's port before any worker
-starts (so that it cannot be taken) and hands it to a helper process that
-hosts the store (see :class:`~distrib._store.StoreProcess`: the launching
-process never waits for torch), starts one process per rank, and supervises
-them: results come back over a pipe per rank, and the first
+starts (so that it cannot be taken) and hosts the store there, or in a helper
+process if torch is not imported yet (see :func:`~distrib._store.one_node_store`:
+the launching process never waits for torch), starts one process per rank,
+and supervises them: results come back over a pipe per rank, and the first
 failure (an exception, a signal, a non-zero exit) tears the others down.
 
 Workers lead their own process groups, so a worker's children go with it
@@ -81,12 +81,12 @@ class MultiprocessingLauncher(Launcher):
         try:
             device_of = _assign_devices(devices, nprocs, share_gpu)
             launch_id = launch_id or uuid.uuid4().hex
-            from .._store import AGENT_STORE_VAR, StoreProcess, bind_listener, store_host
+            from .._store import AGENT_STORE_VAR, bind_listener, one_node_store, store_host
 
-            # The port now; the store (which imports torch) in a helper process, while the
-            # workers start: nothing here waits for torch (see StoreProcess).
+            # The port now; the store (torch's) in a helper process while the workers start,
+            # unless torch is here already: nothing here waits for torch (see one_node_store).
             listener, port = bind_listener(launch_id, master_port, store_host("127.0.0.1", 1))
-            store = StoreProcess(listener)
+            store = one_node_store(listener)
             secret = secrets.token_hex(16)
             ctx = mp.get_context(self.start_method)
             if self.start_method == "forkserver":

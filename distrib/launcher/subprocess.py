@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Callable, Optional
 
-from .._store import StoreProcess
+from .._store import OneNodeStore, one_node_store
 from .._text import format_ranks
 from ..errors import (ConfigError, CoordinatorError, DistribError, DistribTimeoutError,
                       LaunchError, WorkerFailedError, WorkerFailure)
@@ -163,7 +163,7 @@ class _Launch:
                 self._start(info, scratch, relay, guardian)
                 if self.signals:
                     break
-            return self._supervise(store if isinstance(store, StoreProcess) else None)
+            return self._supervise(store if isinstance(store, OneNodeStore) else None)
         finally:
             self._stop(signal.SIGTERM)
             restore_signals(previous_handlers)
@@ -177,7 +177,7 @@ class _Launch:
             shutil.rmtree(scratch, ignore_errors=True)
             if guardian is not None:
                 guardian.release()  # after the folder: a launcher killed before is still covered
-            if isinstance(store, StoreProcess):
+            if isinstance(store, OneNodeStore):
                 store.close()
             del store
 
@@ -185,8 +185,9 @@ class _Launch:
         """Host (node 0) or reach (other nodes) the store.
 
         Returns ``(store, launch_id, port, master_addr)``. On a single node
-        the store is a helper process (:class:`~distrib._store.StoreProcess`):
-        the workers start, and are supervised, while it imports torch.
+        the store is a helper process unless torch is imported here already
+        (:func:`~distrib._store.one_node_store`): the workers start, and are
+        supervised, while it imports torch.
         """
         from .._store import bind_listener, host_store, store_host
         from ..ports import port_for_launch_id
@@ -196,7 +197,7 @@ class _Launch:
             launch_id = options.launch_id or uuid.uuid4().hex
             master_addr = options.master_addr or "127.0.0.1"
             listener, port = bind_listener(launch_id, options.master_port, store_host(master_addr, 1))
-            return StoreProcess(listener, options.rdzv_timeout), launch_id, port, master_addr
+            return one_node_store(listener, options.rdzv_timeout), launch_id, port, master_addr
         port = options.master_port
         launch_id = options.launch_id or f"{options.master_addr}:{port}"
         if port is None:  # every node derives the same port; no probing (others could not follow)
@@ -258,13 +259,13 @@ class _Launch:
             env["DISTRIB_DEVICE"] = str(device)
 
     # -- supervision ----------------------------------------------------------
-    def _supervise(self, store_process: Optional[StoreProcess] = None) -> list[int]:
+    def _supervise(self, one_node: Optional[OneNodeStore] = None) -> list[int]:
         options = self.options
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         next_remote = 0.0
         while True:
-            if store_process is not None:
-                store_process.check()
+            if one_node is not None:
+                one_node.check()
             codes = [w.poll() for w in self.workers]
             # A failure counts once its process has exited (so that its traceback is
             # printed in full); its error record's time still makes it the root cause.
