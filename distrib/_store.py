@@ -19,8 +19,9 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 
-from .errors import ConfigError, CoordinatorError
+from .errors import ConfigError, CoordinatorError, LaunchError
 from .info import LaunchInfo
 from .ports import AddressInUse, bind_first_free, is_address_in_use
 
@@ -137,6 +138,124 @@ def host_store(launch_id: str, world_size: int, port: int | None = None, timeout
     store = TCPStore(client_address, bound, world_size, is_master=True, wait_for_workers=False,
                      timeout=_timedelta(timeout), master_listen_fd=listener.detach())
     return store, bound
+
+
+class OneNodeStore:
+    """The store of a one-node launch, as its launcher holds it (see :func:`one_node_store`)."""
+
+    def check(self) -> None:
+        """Raise LaunchError if the store has failed."""
+
+    def close(self) -> None:
+        """End the store (its clients, the workers, are gone by now). Idempotent."""
+
+
+def one_node_store(listener: socket.socket, timeout: float = 300.0) -> OneNodeStore:
+    """Host a one-node launch's store on ``listener`` (from :func:`bind_listener`).
+
+    In this process if torch is imported here already (the store then costs
+    nothing, and the process's exit pays for torch anyway); otherwise in a
+    helper process (:class:`StoreProcess`), so that the launcher never waits
+    for torch to import, nor to tear down at exit.
+    """
+    if "torch" in sys.modules:
+        return _StoreHere(listener, timeout)
+    return StoreProcess(listener, timeout)
+
+
+class _StoreHere(OneNodeStore):
+    def __init__(self, listener: socket.socket, timeout: float):
+        self._store, _ = host_store("", 1, timeout=timeout, listener=listener)
+
+    def close(self) -> None:
+        self._store = None  # the server stops with its last reference
+
+
+class StoreProcess(OneNodeStore):
+    """A launcher's one-node store, hosted by a small helper process of its own.
+
+    The store is torch's TCPStore, and importing torch takes seconds under
+    load and keeps the importing process slow to exit (its teardown walks
+    every object of a thousand modules). In a helper, neither is the
+    launcher's: it supervises its workers from the start, acts on a rank's
+    failure or a Ctrl-C at once, and exits in milliseconds (``distrib.launch``
+    runs in the user's own process, which need not import torch at all).
+    ``listener`` (from :func:`bind_listener`) is bound already and passed on,
+    so workers that connect before the store is up wait in its listen backlog.
+
+    The helper lives in its own session (a terminal's Ctrl-C is the launcher's
+    to handle), and ends when the launcher closes it or dies: its stdin is a
+    pipe from the launcher, and its end of file ends the helper (on Linux the
+    kernel also kills it when the launcher dies, PR_SET_PDEATHSIG).
+    """
+
+    def __init__(self, listener: socket.socket, timeout: float = 300.0):
+        import subprocess
+
+        self._closed = False
+        # The launcher's own import path, so that the helper finds the torch it would.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _STORE_SOURCE, str(listener.fileno()), repr(float(timeout)),
+             str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+            pass_fds=(listener.fileno(),), start_new_session=True)
+        listener.close()  # the helper holds the socket now
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def check(self) -> None:
+        """Raise LaunchError if the helper has ended (it could not host the store)."""
+        if self._closed or self._process.poll() is None:
+            return
+        error = self._process.stderr.read().decode(errors="replace").strip()
+        self.close()
+        raise LaunchError(f"could not start the rendezvous store (its process exited with status "
+                          f"{self._process.returncode}): {error[-2000:] or 'no message'}")
+
+    def close(self) -> None:
+        """End the helper (its clients, the workers, are gone by now). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._process.kill()  # nothing of it needs a clean exit, and it may still be importing torch
+        self._process.wait()
+        for stream in (self._process.stdin, self._process.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+# The helper's whole program: ``python -c _STORE_SOURCE <listening fd> <timeout s> <launcher pid>``.
+_STORE_SOURCE = """
+import datetime, os, socket, sys, threading
+
+if sys.platform.startswith("linux"):
+    # Die with the launcher at once, even while importing torch (which holds the GIL
+    # for a while at a time, so the thread below may take a moment to see the pipe end).
+    import ctypes, signal
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(sys.argv[3]):
+        os._exit(0)  # the launcher died before that
+
+def end_with_launcher():
+    sys.stdin.buffer.read()  # returns when the launcher closes the pipe, or dies
+    os._exit(0)
+
+threading.Thread(target=end_with_launcher, daemon=True).start()
+from torch.distributed import TCPStore
+
+listener = socket.socket(fileno=int(sys.argv[1]))
+address, port = listener.getsockname()[:2]
+# Handed a bound socket, TCPStore listens where that socket does.
+store = TCPStore({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address), port, 1, is_master=True,
+                 wait_for_workers=False, timeout=datetime.timedelta(seconds=float(sys.argv[2])),
+                 master_listen_fd=listener.detach())
+threading.Event().wait()
+"""
 
 
 def connect_store(info: LaunchInfo, timeout: float):

@@ -21,10 +21,11 @@ from typing import Optional, Sequence
 from .errors import ConfigError, DistribError, WorkerFailedError
 from .launcher import launchers
 from .launcher._devices import parse_devices
+from .launcher._process import freeze_for_exit
 from .launcher._report import exit_code_of, failure_summary
 from .launcher.api import Command, CommandLauncher, CommandOptions, LaunchInterrupted
 
-__all__ = ["main", "build_parser", "parse_ranks"]
+__all__ = ["main", "console_main", "build_parser", "parse_ranks"]
 
 
 def command_launcher_names() -> list[str]:
@@ -163,5 +164,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
+def console_main() -> None:
+    """The ``distrib-run`` program: :func:`main` on the command line, then exit with its status."""
+    code = main()
+    # Every worker is reaped and everything the launch owned is closed by now; what is
+    # left is the interpreter's teardown, with torch loaded for the store.
+    freeze_for_exit()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

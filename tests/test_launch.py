@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
 import psutil
 import pytest
@@ -13,6 +14,7 @@ import pytest
 import distrib
 import workers
 from distrib import ConfigError, DistribTimeoutError, LaunchError, WorkerFailedError
+from distrib.bench.faults import MARK_VAR, marked_processes
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 FAST = dict(start_method="forkserver", timeout=120)
@@ -38,10 +40,12 @@ def _pids(prefix, ranks):
     return [int(open(f"{prefix}.{r}").read()) for r in ranks]
 
 
-def _run_script(tmp_path, body, *args, wait=True, **kw):
+def _run_script(tmp_path, body, *args, wait=True, env_extra=None, **kw):
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(body))
-    env = {**os.environ, "PYTHONPATH": TESTS_DIR}
+    # This checkout's distrib, even where another one is installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.path.dirname(TESTS_DIR)]),
+           **(env_extra or {})}
     proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kw)
     if not wait:
@@ -152,8 +156,11 @@ def test_grandchildren_of_a_worker_are_stopped_too(tmp_path):
     assert _wait_gone([grandchild], 3)
 
 
-def test_sigkill_of_the_launcher_leaves_no_worker(tmp_path):
+def test_sigkill_of_the_launcher_leaves_nothing_behind(tmp_path):
+    # Neither a worker, nor a helper (the store's process, the guardian), nor the scratch folder.
     prefix = str(tmp_path / "pid")
+    mark, scratch_parent = uuid.uuid4().hex, tmp_path / "tmp"
+    scratch_parent.mkdir()
     proc = _run_script(tmp_path, """
         import sys
         import distrib
@@ -161,15 +168,20 @@ def test_sigkill_of_the_launcher_leaves_no_worker(tmp_path):
 
         if __name__ == "__main__":
             distrib.launch(sleep_forever, nprocs=3, args=(sys.argv[1],))
-    """, prefix, wait=False)
+    """, prefix, wait=False, env_extra={"TMPDIR": str(scratch_parent), MARK_VAR: mark})
     deadline = time.monotonic() + 60
     while not all(os.path.exists(f"{prefix}.{r}") for r in range(3)):
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.1)
     pids = _pids(prefix, range(3))
+    assert [p.name for p in scratch_parent.iterdir()], "the launch should have a scratch folder"
     proc.kill()
     proc.wait()
     assert _wait_gone(pids, 5), [p for p in pids if not _gone(p)]
+    deadline = time.monotonic() + 10
+    while marked_processes(mark) or list(scratch_parent.iterdir()):
+        assert time.monotonic() < deadline, (marked_processes(mark), list(scratch_parent.iterdir()))
+        time.sleep(0.05)
 
 
 def test_ctrl_c_stops_every_worker_and_leaves_no_zombie(tmp_path):

@@ -154,16 +154,19 @@ def spawn_grandchild_then_fail(pidfile):
 
 
 def listening_sockets():
-    """Where this rank and (rank 0) its launcher listen, with every socket of a launch open."""
+    """Where this rank and (rank 0) its launcher's tree listen, with every socket of a launch open."""
     import psutil
     import torch
 
     from distrib import communicator
 
-    def listening(pid):
+    def listening(pid, with_children=False):
         process = psutil.Process(pid)
-        connections = getattr(process, "net_connections", process.connections)("inet")
-        return sorted({c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN})
+        found = set()
+        for p in [process, *(process.children(recursive=True) if with_children else [])]:
+            connections = getattr(p, "net_connections", p.connections)("inet")
+            found |= {c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN}
+        return sorted(found)
 
     ctx = distrib.init(timeout=60)
     comm = communicator.create()
@@ -171,8 +174,9 @@ def listening_sockets():
     channel = ctx.coordinator.broadcast_channel(src=0)
     channel.send({"hello": 1}) if channel.is_writer else channel.recv()
     ctx.coordinator.barrier()
+    # The launcher with its helpers (the store's process) and its ranks.
     record = {"rank": listening(os.getpid()),
-              "launcher": listening(os.getppid()) if ctx.rank == 0 else []}
+              "launcher": listening(os.getppid(), with_children=True) if ctx.rank == 0 else []}
     ctx.coordinator.barrier()
     channel.close()
     return record

@@ -49,7 +49,7 @@ _REASON = {"raise": r"raised RuntimeError: injected fault on rank 0", "exit": r"
            "os_exit": r"exited with code 7", "sigkill": r"killed by signal SIGKILL",
            "sigsegv": r"killed by signal SIGSEGV"}
 _ORPHAN_WAIT = 10.0  # seconds after the launcher's exit before a live rank counts as an orphan
-_MARK = "DISTRIB_FAULT_RUN"
+MARK_VAR = "DISTRIB_FAULT_RUN"
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def _command(launcher: str, nprocs: int) -> list[str]:
 
 def marked_processes(mark: str) -> list[int]:
     """Live (not zombie) processes whose environment carries ``DISTRIB_FAULT_RUN=mark``."""
-    needle = f"{_MARK}={mark}".encode()
+    needle = f"{MARK_VAR}={mark}".encode()
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -114,7 +114,7 @@ def run_once(scenario: Scenario, nprocs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="distrib-fault-") as folder:
         stage = scenario.stage if scenario.actor == "rank" else (
             "hold" if scenario.stage == "barrier" else "start_hold")
-        env = {**os.environ, _MARK: mark, "DISTRIB_FAULT_DIR": folder,
+        env = {**os.environ, MARK_VAR: mark, "DISTRIB_FAULT_DIR": folder,
                "DISTRIB_FAULT_KIND": scenario.kind if scenario.actor == "rank" else "none",
                "DISTRIB_FAULT_STAGE": stage, "PYTHONUNBUFFERED": "1"}
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DISTRIB_LAUNCH_ID"):

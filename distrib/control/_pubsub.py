@@ -12,6 +12,14 @@ Creation waits until the XPUB has seen each remote reader's subscription
 are counted), so no message is lost to the slow-joiner problem. Frames that
 do not parse are logged and dropped; sockets refuse frames over their
 ``max_message`` (libzmq drops such a connection before our code sees it).
+
+Processes that die are noticed through their connection, which the kernel
+closes: a reader whose connection ends without its "closing" subscription
+(sent by :meth:`Subscriber.close`) makes the writer's next send raise, naming
+it; a writer whose connection ends without its CLOSED message makes the
+reader raise once it has read every whole message that arrived. zmq delivers
+a message whole or not at all, so the one a writer was sending when it died
+is never seen, in part or at all.
 """
 from __future__ import annotations
 
@@ -32,6 +40,9 @@ logger = logging.getLogger("distrib.control")
 _HEADER = struct.Struct("<QB")  # sequence, kind
 MESSAGE, CLOSED = 0, 1
 _IDENTITY = b"\xffdistrib-channel-reader:"  # + the reader's rank, as a subscription topic
+_CLOSING = b"\xffdistrib-channel-closing:"  # + the reader's rank: it is closing, not dying
+_CLOSING_LINGER_MS = 1000  # the most a reader's close waits for that notice to leave
+_DRAIN_MS = 50  # after the writer's connection ended, how long a reader looks for what it sent
 # The largest frame the XPUB accepts from a reader. libzmq applies it to the CURVE
 # handshake's commands too (INITIATE is ~300 bytes with its metadata), so not less.
 SUBSCRIPTION_LIMIT = 1024
@@ -56,6 +67,8 @@ class Publisher:
             self._server.close()
             raise
         self._subscribed: set[int] = set()
+        self._closing: set[int] = set()  # readers that said they close
+        self._lost: set[int] = set()     # readers whose connection ended without that
         self._closed = False
 
     def wait_subscribed(self, deadline: float) -> None:
@@ -70,20 +83,49 @@ class Publisher:
                     f"broadcast channel: remote reader ranks {format_ranks(missing)} did not subscribe "
                     f"to the writer's endpoint {self.endpoint} before the timeout; check that their "
                     "nodes can reach this address (or set DISTRIB_BIND_ADDR)", missing=missing)
-            if not self._socket.poll(int(min(remaining, 1.0) * 1000) + 1, zmq.POLLIN):
-                continue
+            if self._socket.poll(int(min(remaining, 1.0) * 1000) + 1, zmq.POLLIN):
+                self._take_subscriptions()
+
+    def _take_subscriptions(self) -> None:
+        """Read the (un)subscriptions the readers' ends sent, or libzmq made for a lost connection."""
+        zmq = self._zmq
+        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             frame = self._socket.recv(zmq.NOBLOCK)
-            if frame[:1] == b"\x01" and frame[1:].startswith(_IDENTITY):
+            subscribe, topic = frame[:1] == b"\x01", frame[1:]
+            for prefix, found in ((_IDENTITY, self._subscribed), (_CLOSING, self._closing)):
+                if not topic.startswith(prefix):
+                    continue
                 try:
-                    self._subscribed.add(int(frame[1 + len(_IDENTITY):]))
+                    rank = int(topic[len(prefix):])
                 except ValueError:
                     logger.warning("broadcast channel: ignored a malformed subscription frame")
+                    break
+                if subscribe:
+                    found.add(rank)
+                elif prefix is _IDENTITY and rank not in self._closing:
+                    self._lost.add(rank)  # its connection ended, and it never said it closes
+                break
+
+    def _check_readers(self) -> None:
+        self._take_subscriptions()
+        if self._lost:
+            lost = sorted(self._lost)
+            raise CoordinatorError(
+                f"broadcast channel: the connections of remote reader ranks {format_ranks(lost)} "
+                "ended without their closing the channel: they exited (or their network failed), "
+                "and get nothing more. Close the channel; the launcher reports why they stopped")
 
     def send(self, seq: int, payload, deadline: float, kind: int = MESSAGE) -> None:
-        """Queue message ``seq``; waits while a reader is a high-water mark behind, until ``deadline``."""
+        """Queue message ``seq``; waits while a reader is a high-water mark behind, until ``deadline``.
+
+        Raises CoordinatorError naming the readers whose connection ended
+        without their closing (they died).
+        """
         zmq = self._zmq
         frames = [_HEADER.pack(seq, kind), payload]
         backoff = None
+        if kind == MESSAGE:
+            self._check_readers()
         while True:
             try:
                 # A multipart send is atomic: if the first frame is refused
@@ -98,6 +140,8 @@ class Publisher:
                         f"{format_ranks(self.remote_ranks)} (one or more of them) to take earlier "
                         "messages until the timeout; they are slow, stuck or not calling recv()",
                         missing=self.remote_ranks) from None
+                if kind == MESSAGE:
+                    self._check_readers()  # the reader we wait for may have died
                 backoff = backoff or Backoff(now)
                 backoff.pause(now)
 
@@ -127,6 +171,7 @@ class Subscriber:
         import zmq
 
         self._zmq = zmq
+        self.rank = rank
         self.writer_rank = writer_rank
         self._context = zmq.Context(io_threads=1)
         try:
@@ -140,8 +185,8 @@ class Subscriber:
             # identity, this connection is already subscribed to everything.
             self._socket.setsockopt(zmq.SUBSCRIBE, b"")
             self._socket.setsockopt(zmq.SUBSCRIBE, _IDENTITY + str(rank).encode())
-            # libzmq drops a connection that sends an oversized or malformed frame
-            # without telling the socket's user; its monitor does, for the log.
+            # The connection's end (the writer died, or libzmq dropped it for an oversized
+            # or malformed frame, telling the socket's user nothing) shows on its monitor.
             self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         except BaseException:
             self._context.destroy(linger=0)
@@ -153,7 +198,7 @@ class Subscriber:
         self._next = 0
         self._closed_by_writer = False
         self._closed = False
-        self._logged_disconnect = 0.0
+        self._writer_gone = False  # its connection ended (without its CLOSED message, if unread)
 
     def read(self, deadline: float):
         """The next message's payload (bytes-like), or None once the writer closed and all is read."""
@@ -166,9 +211,17 @@ class Subscriber:
                     "the timeout; it has not sent one, is stuck, or is unreachable. Pass a longer "
                     "timeout if it is just busy", missing=(self.writer_rank,))
             ready = dict(self._poller.poll(int(min(remaining, 1.0) * 1000) + 1))
+            if self._monitor in ready:
+                self._take_disconnects()
+                self._writer_gone = True
             if self._socket not in ready:
-                if self._monitor in ready:
-                    self._note_disconnects()
+                # Whatever arrived before the connection ended is read first.
+                if self._writer_gone and not self._socket.poll(_DRAIN_MS, zmq.POLLIN):
+                    raise CoordinatorError(
+                        f"broadcast channel: the connection to the writer (rank {self.writer_rank}, "
+                        f"{self.endpoint}) ended without its closing the channel: it exited, its "
+                        "network failed, or it sent a message over this reader's size limit. Every "
+                        "whole message it sent was received; a message it was sending is dropped")
                 continue
             frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
             parsed = self._parse(frames)
@@ -182,17 +235,10 @@ class Subscriber:
             return payload
         return None
 
-    def _note_disconnects(self) -> None:
-        """Log lost connections to the writer (at most one line every 5 seconds)."""
-        zmq = self._zmq
+    def _take_disconnects(self) -> None:
+        """Read the monitor's events (there is only the one kind: the connection ended)."""
         while self._monitor.poll(0):
-            self._monitor.recv_multipart(zmq.NOBLOCK)  # an event; there is only the one kind
-            if time.monotonic() - self._logged_disconnect > 5.0:
-                self._logged_disconnect = time.monotonic()
-                logger.warning("broadcast channel: the connection to the writer (rank %d, %s) was "
-                               "dropped: a frame over the size limit or malformed, a network failure, "
-                               "or the writer exited. zmq reconnects; if messages were lost, the next "
-                               "one raises", self.writer_rank, self.endpoint)
+            self._monitor.recv_multipart(self._zmq.NOBLOCK)
 
     def _parse(self, frames) -> Optional[tuple[int, int, memoryview]]:
         """(sequence, kind, payload) of a well-formed frame pair in order; None (logged) otherwise."""
@@ -224,5 +270,10 @@ class Subscriber:
         self._closed = True
         self._socket.disable_monitor()
         self._monitor.close(linger=0)
-        self._socket.close(linger=0)
+        linger = 0
+        if not (self._closed_by_writer or self._writer_gone):
+            # Tell the writer this reader closes (its connection's end is then no death).
+            self._socket.setsockopt(self._zmq.SUBSCRIBE, _CLOSING + str(self.rank).encode())
+            linger = _CLOSING_LINGER_MS
+        self._socket.close(linger=linger)
         self._context.term()

@@ -178,8 +178,10 @@ class BroadcastChannel:
         """Send ``obj`` to every reader (writer only). Blocks while a reader is a ring behind.
 
         Raises :class:`~distrib.control.codec.MessageError` for what a message
-        cannot carry, and :class:`DistribTimeoutError` naming the readers that
-        are behind if the wait passes ``timeout``. A timeout before any reader
+        cannot carry, :class:`DistribTimeoutError` naming the readers that
+        are behind if the wait passes ``timeout``, and :class:`CoordinatorError`
+        naming readers that died without closing (on this node, when they hold
+        the writer back; on others, once their connection ended). A timeout before any reader
         got part of the message leaves the channel usable (send again);
         otherwise it is broken and must be closed.
         """
@@ -214,7 +216,8 @@ class BroadcastChannel:
         Raises :class:`ChannelClosed` once the writer closed and every message
         it sent was received; :class:`DistribTimeoutError` naming the writer
         if none comes within ``timeout``; :class:`CoordinatorError` if the
-        writer's process on this node died.
+        writer died (on this node, its process is gone; on another, its
+        connection ended), after every whole message it sent: never a part of one.
         """
         self._check_open()
         if self.is_writer:

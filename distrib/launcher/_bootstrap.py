@@ -29,6 +29,7 @@ import traceback
 from typing import Optional
 
 from ._errorfile import LAUNCHER_PID_VAR, error_file_for, write_error_file
+from ._process import freeze_for_exit
 
 _USAGE = "usage: python -m distrib.launcher._bootstrap (SCRIPT | -m MODULE) [ARGS ...]"
 
@@ -69,6 +70,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             code = exc.code if isinstance(exc.code, int) else 1
             message = "" if isinstance(exc.code, int) else str(exc.code)
             write_error_file(error_file, exitcode=code, message=message)
+        if exc.code not in (None, 0):
+            freeze_for_exit()  # the launcher acts once this process has ended
         raise
     except KeyboardInterrupt:
         raise  # Python reports it by dying of SIGINT; keep that exit status
@@ -83,6 +86,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                              traceback="".join(traceback.format_exception(kind, exc, tb)))
         sys.excepthook(type(exc), exc, tb)  # what an uncaught exception prints, minus our frames
         sys.stderr.flush()
+        freeze_for_exit()
         sys.exit(1)
 
 

@@ -1,17 +1,21 @@
-"""A tiny process that stops a launcher's worker groups if the launcher dies first.
+"""A tiny process that cleans up after a launcher that dies first.
 
 The kernel kills each worker when its launcher dies (PR_SET_PDEATHSIG), but
-not the worker's own children: they would be orphaned. The guardian closes
-that gap. The launcher starts it first, tells it each worker's process group
-over a pipe, and says ``done`` when it has stopped the workers itself. If the
-pipe ends without ``done`` (the launcher was SIGKILLed), the guardian SIGKILLs
-every group it was told about, then exits.
+not the worker's own children: they would be orphaned. Nor can a SIGKILLed
+launcher remove its scratch folder (stack files, MPS pipes). The guardian
+closes both gaps. The launcher starts it first, tells it each worker's
+process group and its scratch folder over a pipe, and says ``done`` when it
+has stopped the workers and removed the folder itself. If the pipe ends
+without ``done`` (the launcher was SIGKILLed), the guardian SIGKILLs every
+group it was told about, removes the folders, then exits.
 
 Protocol on the guardian's stdin, one line each: ``<pgid>`` to watch a
-group, ``done`` to exit without killing anything.
+group, ``scratch <path>`` to remove a folder, ``done`` to exit without
+touching anything.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -38,6 +42,11 @@ class Guardian:
     def watch(self, pgid: int) -> None:
         self._send(f"{pgid}\n")
 
+    def remove_later(self, folder: str) -> None:
+        """Have the guardian remove ``folder`` if the launcher dies without doing so."""
+        if "\n" not in folder:
+            self._send(f"scratch {folder}\n")
+
     def release(self) -> None:
         """The launcher has stopped its workers itself: let the guardian exit quietly."""
         self._send("done\n")
@@ -53,28 +62,36 @@ class Guardian:
 
     def _send(self, line: str) -> None:
         try:
-            self._process.stdin.write(line.encode())
+            self._process.stdin.write(os.fsencode(line))
             self._process.stdin.flush()
         except (OSError, ValueError):
             pass  # the guardian is gone; PR_SET_PDEATHSIG still covers the workers
 
 
 # The guardian's whole program (run with ``python -S -c``, so that it needs
-# no imports beyond the standard library's os, signal and sys).
+# no imports beyond a few of the standard library's).
 _GUARDIAN_SOURCE = """
-import os, signal, sys
+import os, shutil, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-groups = []
+groups, folders = [], []
 for raw in sys.stdin.buffer:
-    line = raw.strip()
+    line = raw.rstrip(b"\\n")
     if line == b"done":
         sys.exit(0)
     if line.isdigit():
         groups.append(int(line))
+    elif line.startswith(b"scratch "):
+        folders.append(os.fsdecode(line[len(b"scratch "):]))
 for pgid in groups:  # the pipe ended without "done": the launcher died
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+for folder in folders:  # after the workers, which write there (briefly: a killed one may be exiting)
+    for _ in range(10):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.exists(folder):
+            break
+        time.sleep(0.05)
 """

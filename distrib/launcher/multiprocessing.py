@@ -1,8 +1,10 @@
 """The multiprocessing launcher behind :func:`distrib.launch`.
 
-The launching process hosts the rendezvous store (bound before any worker
-starts, so the port cannot be taken), starts one process per rank, and
-supervises them: results come back over a pipe per rank, and the first
+The launching process binds the rendezvous store's port before any worker
+starts (so that it cannot be taken) and hosts the store there, or in a helper
+process if torch is not imported yet (see :func:`~distrib._store.one_node_store`:
+the launching process never waits for torch), starts one process per rank,
+and supervises them: results come back over a pipe per rank, and the first
 failure (an exception, a signal, a non-zero exit) tears the others down.
 
 Workers lead their own process groups, so a worker's children go with it
@@ -10,7 +12,8 @@ and a terminal's Ctrl-C reaches only the launcher, which stops everything
 (then raises KeyboardInterrupt; after SIGTERM it dies of that signal). A stop
 reaches a worker whatever it is doing, even one still starting (see
 :func:`~distrib.launcher._process.stop_processes`). Workers die with the
-launcher even when it is SIGKILLed (PR_SET_PDEATHSIG).
+launcher even when it is SIGKILLed (PR_SET_PDEATHSIG), and a guardian process
+then stops their children and removes the launch's scratch folder.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailed
 from ..info import SHARE_GPU_VAR, LaunchInfo
 from .api import Launcher, launchers
 from ._devices import assign_devices, shares_gpus
+from ._guardian import Guardian
 from ._hangwatch import HangWatch
 from ._process import (die_with_parent, record_stop_signals, restore_signals, signal_name,
                        stop_processes)
@@ -73,12 +77,16 @@ class MultiprocessingLauncher(Launcher):
         # came while torch is imported could otherwise be lost in its C code.
         signals: list[int] = []
         previous_handlers = record_stop_signals(signals)
+        store = None
         try:
             device_of = _assign_devices(devices, nprocs, share_gpu)
             launch_id = launch_id or uuid.uuid4().hex
-            from .._store import AGENT_STORE_VAR, host_store, store_host
+            from .._store import AGENT_STORE_VAR, bind_listener, one_node_store, store_host
 
-            store, port = host_store(launch_id, nprocs, port=master_port, host=store_host("127.0.0.1", 1))
+            # The port now; the store (torch's) in a helper process while the workers start,
+            # unless torch is here already: nothing here waits for torch (see one_node_store).
+            listener, port = bind_listener(launch_id, master_port, store_host("127.0.0.1", 1))
+            store = one_node_store(listener)
             secret = secrets.token_hex(16)
             ctx = mp.get_context(self.start_method)
             if self.start_method == "forkserver":
@@ -90,12 +98,18 @@ class MultiprocessingLauncher(Launcher):
             hangwatch.install_signal()
             mps = None
         except BaseException:
+            if store is not None:
+                store.close()
             restore_signals(previous_handlers)
             raise
         # A single-node launch talks over loopback only: gloo too (the store and the
         # monitor bind it already), unless the caller chose an interface.
         env = {**loopback_gloo_env(), **(env or {})}
+        guardian = None
         try:
+            # Kills the workers' children and removes the scratch folder if we are SIGKILLed.
+            guardian = Guardian.start()
+            guardian.remove_later(scratch)
             shared_env = {}
             if shares_gpus(device_of):
                 from ._mps import start_mps
@@ -116,8 +130,9 @@ class MultiprocessingLauncher(Launcher):
                 workers.append(_Worker(ctx, rank, target, tuple(args), dict(kwargs or {}),
                                        worker_env, device_of[rank]))
                 workers[-1].start()
+                guardian.watch(workers[-1].process.pid)  # its group, once it leads one
                 hangwatch.watch(rank, workers[-1].process.pid)
-            results = _supervise(workers, timeout, hangwatch, signals, mps)
+            results = _supervise(workers, timeout, hangwatch, signals, mps, store)
             if signals and signals[0] == signal.SIGINT:
                 raise KeyboardInterrupt  # as Python would have, now raised where we stop the ranks
             return results
@@ -132,7 +147,9 @@ class MultiprocessingLauncher(Launcher):
             if mps is not None:
                 mps.close()  # after the workers, its clients; before the scratch folder its pipes are in
             shutil.rmtree(scratch, ignore_errors=True)
-            del store
+            if guardian is not None:
+                guardian.release()
+            store.close()
             restore_signals(previous_handlers)
             if signals and signals[0] == signal.SIGTERM:
                 os.kill(os.getpid(), signal.SIGTERM)  # die of it, as without us, now that ranks are stopped
@@ -246,13 +263,15 @@ class _Worker:
 
 
 def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: HangWatch,
-               signals: list[int], mps=None) -> list[Any]:
+               signals: list[int], mps=None, store=None) -> list[Any]:
     deadline = None if timeout is None else time.monotonic() + timeout
     running = {w.rank: w for w in workers}
     settle_until = None
     while running:
         if signals:
             return []  # the caller stops the ranks, then raises KeyboardInterrupt or dies of SIGTERM
+        if store is not None:
+            store.check()
         waitables = {}
         for w in running.values():
             waitables[w.process.sentinel] = (w, "exit")
@@ -260,6 +279,10 @@ def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: Hang
                 waitables[w.conn] = (w, "report")
         remaining = _POLL if deadline is None else max(0.0, min(_POLL, deadline - time.monotonic()))
         ready = mp_connection.wait(list(waitables), timeout=remaining)
+        if signals:
+            # A Ctrl-C to the terminal's group also reaches workers still starting (not yet
+            # leading their own group): their death of it is no failure of theirs.
+            return []
         # Reports before exits: a worker's exception explains its exit.
         for obj in sorted(ready, key=lambda o: waitables[o][1] != "report"):
             worker, event = waitables[obj]

@@ -23,11 +23,11 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from typing import Callable, Optional
 
+from .._store import OneNodeStore, one_node_store
 from .._text import format_ranks
 from ..errors import (ConfigError, CoordinatorError, DistribError, DistribTimeoutError,
                       LaunchError, WorkerFailedError, WorkerFailure)
@@ -121,7 +121,7 @@ class _Launch:
         self._agent_store_var = AGENT_STORE_VAR
         previous_handlers = record_stop_signals(self.signals)
         try:
-            store, listener, launch_id, port, master_addr = self._store()
+            store, launch_id, port, master_addr = self._store()
         except BaseException:
             restore_signals(previous_handlers)
             raise
@@ -153,6 +153,7 @@ class _Launch:
                 self.mps = start_mps(scratch, relay.note)
                 self.shared_env = {SHARE_GPU_VAR: "1", **(self.mps.env if self.mps else {})}
             guardian = Guardian.start()
+            guardian.remove_later(scratch)
             for local_rank in range(self.nprocs):
                 info = LaunchInfo(launch_id=launch_id, rank=offset + local_rank,
                                   world_size=world_size, local_rank=local_rank,
@@ -162,36 +163,31 @@ class _Launch:
                 self._start(info, scratch, relay, guardian)
                 if self.signals:
                     break
-            if listener is not None:
-                # The workers are starting; the store takes over the socket they connect to.
-                # Beside the supervision, not before it: importing torch for the store takes
-                # seconds, and a rank that fails meanwhile must stop the launch at once.
-                store = _StoreInBackground(launch_id, options.rdzv_timeout, listener)
-                listener = None
-            return self._supervise(store if isinstance(store, _StoreInBackground) else None)
+            return self._supervise(store if isinstance(store, OneNodeStore) else None)
         finally:
             self._stop(signal.SIGTERM)
             restore_signals(previous_handlers)
             if self.hangwatch is not None:
                 self.hangwatch.close()
-            if guardian is not None:
-                guardian.release()
             if relay is not None:
                 relay.close(timeout=5.0)
             if self.mps is not None:
                 self.mps.close()  # after the workers, its clients
             self._leave()
             shutil.rmtree(scratch, ignore_errors=True)
-            if listener is not None:
-                listener.close()
+            if guardian is not None:
+                guardian.release()  # after the folder: a launcher killed before is still covered
+            if isinstance(store, OneNodeStore):
+                store.close()
             del store
 
     def _store(self):
         """Host (node 0) or reach (other nodes) the store.
 
-        Returns ``(store, listener, launch_id, port, master_addr)``. On a
-        single node only the port is bound here (``listener``), so that the
-        workers start while torch is imported for the store.
+        Returns ``(store, launch_id, port, master_addr)``. On a single node
+        the store is a helper process unless torch is imported here already
+        (:func:`~distrib._store.one_node_store`): the workers start, and are
+        supervised, while it imports torch.
         """
         from .._store import bind_listener, host_store, store_host
         from ..ports import port_for_launch_id
@@ -201,7 +197,7 @@ class _Launch:
             launch_id = options.launch_id or uuid.uuid4().hex
             master_addr = options.master_addr or "127.0.0.1"
             listener, port = bind_listener(launch_id, options.master_port, store_host(master_addr, 1))
-            return None, listener, launch_id, port, master_addr
+            return one_node_store(listener, options.rdzv_timeout), launch_id, port, master_addr
         port = options.master_port
         launch_id = options.launch_id or f"{options.master_addr}:{port}"
         if port is None:  # every node derives the same port; no probing (others could not follow)
@@ -215,7 +211,7 @@ class _Launch:
 
             store = NodeRendezvous.connect(options.master_addr, port, options.node_rank,
                                            options.rdzv_timeout, should_stop=self._stop_requested)
-        return store, None, launch_id, port, options.master_addr
+        return store, launch_id, port, options.master_addr
 
     def _start(self, info: LaunchInfo, scratch: str, relay: OutputRelay, guardian: Guardian) -> None:
         options = self.options
@@ -263,13 +259,13 @@ class _Launch:
             env["DISTRIB_DEVICE"] = str(device)
 
     # -- supervision ----------------------------------------------------------
-    def _supervise(self, background_store: Optional["_StoreInBackground"] = None) -> list[int]:
+    def _supervise(self, one_node: Optional[OneNodeStore] = None) -> list[int]:
         options = self.options
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         next_remote = 0.0
         while True:
-            if background_store is not None:
-                background_store.check()
+            if one_node is not None:
+                one_node.check()
             codes = [w.poll() for w in self.workers]
             # A failure counts once its process has exited (so that its traceback is
             # printed in full); its error record's time still makes it the root cause.
@@ -417,35 +413,6 @@ class _Launch:
                 f"distrib-run received {signal_name(self.signals[0])} while the nodes were "
                 "meeting; no worker had started"))
 
-
-
-class _StoreInBackground:
-    """The single-node store, made in a thread while the launcher supervises its workers.
-
-    Workers that connect before it is up wait in the listen backlog of its
-    socket. The thread is a daemon: a launch that ends while torch is still
-    being imported for the store does not wait for it.
-    """
-
-    def __init__(self, launch_id: str, timeout: float, listener):
-        self.store = None
-        self.error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._make, args=(launch_id, timeout, listener),
-                                        name="distrib-store", daemon=True)
-        self._thread.start()
-
-    def _make(self, launch_id, timeout, listener) -> None:
-        from .._store import host_store
-
-        try:
-            self.store, _ = host_store(launch_id, 1, timeout=timeout, listener=listener)
-        except BaseException as exc:  # reported by check(), in the supervising thread
-            self.error = exc
-
-    def check(self) -> None:
-        """Raise, in the caller's thread, what went wrong making the store."""
-        if self.error is not None:
-            raise LaunchError(f"could not start the rendezvous store: {self.error}") from self.error
 
 
 def _interface_towards(host: str, port: int) -> Optional[str]:

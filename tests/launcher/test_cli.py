@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
+from distrib.bench.faults import MARK_VAR, marked_processes
 from distrib.cli import parse_ranks
 from distrib.errors import ConfigError
 from distrib.launcher import CommandLauncher, SubprocessLauncher, launchers
@@ -130,9 +132,9 @@ def test_death_by_signal_is_named():
     assert re.search(r"rank 0 on \S+ was killed by signal SIGKILL; exit code 137 \[root cause\]", result.stderr)
 
 
-def _start_tree(tmp_path, *extra):
+def _start_tree(tmp_path, *extra, env=None):
     proc = start_cli("--nprocs", "2", *extra, script("tree.py"), str(tmp_path),
-                     *(["ignore-term"] if "--grace" in extra else []))
+                     *(["ignore-term"] if "--grace" in extra else []), env=env)
     try:
         wait_for(lambda: all((tmp_path / f"rank{r}.pids").exists() for r in range(2)), 60,
                  "both ranks to start their children")
@@ -164,12 +166,19 @@ def test_sigterm_then_grace_then_sigkill(tmp_path):
     wait_for(lambda: not any(alive(p) for p in pids), 10, "workers and their children to be gone")
 
 
-def test_sigkill_of_distrib_run_leaves_no_worker_alive(tmp_path):
-    proc, pids = _start_tree(tmp_path)
+def test_sigkill_of_distrib_run_leaves_nothing_behind(tmp_path):
+    # Neither a worker, nor a worker's child, nor a helper (the store's process, the
+    # guardian), nor the launch's scratch folder.
+    mark, scratch_parent = uuid.uuid4().hex, tmp_path / "tmp"
+    scratch_parent.mkdir()
+    proc, pids = _start_tree(tmp_path, env={"TMPDIR": str(scratch_parent), MARK_VAR: mark})
+    assert [p.name for p in scratch_parent.iterdir()], "the launch should have a scratch folder"
     proc.kill()
     proc.communicate(timeout=30)
     wait_for(lambda: not any(alive(p) for p in pids), 15,
              f"workers and their children {pids} to die with their launcher")
+    wait_for(lambda: not marked_processes(mark), 10, "every process of the launch to be gone")
+    wait_for(lambda: not list(scratch_parent.iterdir()), 10, "the scratch folder to be removed")
 
 
 def test_nprocs_auto_is_one_per_cpu_here():

@@ -1,4 +1,4 @@
-"""Every listening socket of this rank and of its launcher, while every socket a launch
+"""Every listening socket of this rank and of its launcher's process tree, while every socket a launch
 opens is open: the store, the monitor, the Coordinator's and the gloo Communicator's gloo
 devices, a broadcast channel. Prints one result line per rank."""
 import json
@@ -11,10 +11,13 @@ import distrib
 from distrib import communicator
 
 
-def listening(pid: int) -> list[str]:
+def listening(pid: int, with_children: bool = False) -> list[str]:
     process = psutil.Process(pid)
-    connections = getattr(process, "net_connections", process.connections)("inet")
-    return sorted({c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN})
+    found = set()
+    for p in [process, *(process.children(recursive=True) if with_children else [])]:
+        connections = getattr(p, "net_connections", p.connections)("inet")
+        found |= {c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN}
+    return sorted(found)
 
 
 ctx = distrib.init(timeout=60)
@@ -28,7 +31,8 @@ else:
     channel.recv()
 ctx.coordinator.barrier()
 record = {"rank": ctx.rank, "node": ctx.info.node_rank, "rank_listens": listening(os.getpid()),
-          "launcher_listens": listening(os.getppid()) if ctx.info.local_rank == 0 else []}
+          # the launcher with its helpers (one node's store process) and its ranks
+          "launcher_listens": listening(os.getppid(), with_children=True) if ctx.info.local_rank == 0 else []}
 ctx.coordinator.barrier()
 print("RESULT " + json.dumps(record), flush=True)
 channel.close()
