@@ -36,8 +36,6 @@ from typing import Optional, Sequence
 
 from . import _report
 
-PATHS = ("direct", "operator", "kernel")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m distrib.bench op-overhead",
