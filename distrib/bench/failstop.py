@@ -20,7 +20,9 @@ tests do). Per world size:
   replay time per all-reduce, with fail-stop and with it compiled out
   (``fail_stop=False``), measured alternately in the same processes.
 
-Writes failstop-<N>ranks.json and a markdown table.
+Writes failstop-<N>ranks.json and a markdown table. Parts not run this time are kept
+from the file already there (same world size and GPU), each with its own commit and date,
+so the parts can be run in separate calls.
 """
 from __future__ import annotations
 
@@ -212,15 +214,25 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     gpu = _gpu_name()
     for index, world in enumerate(args.nprocs):
-        record = {"meta": {"world_size": world, "gpus": visible_gpus(), "gpu": gpu,
-                           "placement": placement(world), "date": datetime.now(timezone.utc).isoformat(),
-                           "commit": args.commit or _commit(), "reps": args.reps}}
+        path = os.path.join(args.out, f"failstop-{world}ranks.json")
+        record = _kept(path, world, gpu)
+        record["meta"].update({"world_size": world, "gpus": visible_gpus(), "gpu": gpu,
+                               "placement": placement(world)})
+
+        def ran(part, **extra):
+            record["meta"]["parts"][part] = {"commit": args.commit or _commit(),
+                                             "date": datetime.now(timezone.utc).isoformat(), **extra}
+
         if "scenarios" in args.parts:
             record["scenarios"] = _tally(_launch(_scenarios_worker, world, args.reps), world)
+            ran("scenarios", reps=args.reps)
         if "abort" in args.parts:
             reps = args.abort_reps[min(index, len(args.abort_reps) - 1)]
-            aborts = [_abort_once(world) for _ in range(reps)]
-            deaths = [_dies_once(world) for _ in range(reps)]
+            aborts, deaths = [], []
+            for i in range(reps):
+                aborts.append(_abort_once(world))
+                deaths.append(_dies_once(world))
+                print(f"{world} ranks, abort {i + 1}/{reps}: {aborts[-1]}; SIGKILL: {deaths[-1]}", flush=True)
             seconds = [a["seconds_from_timeout_to_exit"] for a in aborts
                        if a["seconds_from_timeout_to_exit"] is not None]
             record["abort"] = {
@@ -233,13 +245,14 @@ def main(argv=None) -> int:
                 "peer SIGKILLed mid-call": {
                     "runs": reps, "named": sum(d["named"] for d in deaths),
                     "wrong": sum(d["wrong"] for d in deaths)}}
+            ran("abort", reps=reps)
         if "cost" in args.parts:
             rows = _launch(_cost_worker, world, args.rounds, 50, 200)
             record["cost"] = [dict(r, slowest_rank_fail_stop_us=max(p[i]["fail_stop_us"] for p in rows),
                                    slowest_rank_without_us=max(p[i]["without_us"] for p in rows),
                                    median_round_ratio_per_rank=[p[i]["median_round_ratio"] for p in rows])
                               for i, r in enumerate(rows[0])]
-        path = os.path.join(args.out, f"failstop-{world}ranks.json")
+            ran("cost", rounds=args.rounds)
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
         with open(path.replace(".json", ".md"), "w") as f:
@@ -248,10 +261,28 @@ def main(argv=None) -> int:
     return 0
 
 
+def _kept(path: str, world: int, gpu: str) -> dict:
+    """What an earlier run left at ``path`` for this world size and GPU, so that parts run
+    separately (each in its own call) end up in one record; each part keeps its own provenance."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = {}
+    meta = record.get("meta", {})
+    if meta.get("world_size") != world or meta.get("gpu") != gpu or "parts" not in meta:
+        record = {}
+    return record or {"meta": {"parts": {}}}
+
+
 def _markdown(record: dict) -> str:
     meta = record["meta"]
     lines = [f"# Custom all-reduce fail-stop, {meta['world_size']} ranks on {meta['gpus']} x {meta['gpu']}",
-             "", f"{meta['date']}, commit {meta['commit']}, placement {meta['placement']}", ""]
+             "", f"Placement {meta['placement']}."]
+    for part, run in meta["parts"].items():
+        extra = ", ".join(f"{k} {v}" for k, v in run.items() if k not in ("commit", "date"))
+        lines.append(f"- {part}: commit {run['commit']}, {run['date']}" + (f", {extra}" if extra else ""))
+    lines.append("")
     if "scenarios" in record:
         lines += ["| scenario | runs | wrong sums | outcomes / checks |", "|---|---:|---:|---|"]
         for name, row in record["scenarios"].items():

@@ -1,6 +1,8 @@
 """``python -m distrib.bench failstop``'s bookkeeping, on CPU: how outcomes are counted and shown."""
 from __future__ import annotations
 
+import json
+
 from distrib.bench import failstop
 
 
@@ -28,8 +30,9 @@ def test_a_wrong_sum_anywhere_is_counted_and_the_stalled_call_must_be_nan():
 
 def test_the_table_shows_every_scenario_and_the_cost_ratios():
     ranks = [_rank(["exact"], ["exact", "exact", "exact", "nan"])] * 2
-    record = {"meta": {"world_size": 2, "gpus": 1, "gpu": "GPU", "date": "today", "commit": "abc",
-                       "placement": {}},
+    record = {"meta": {"world_size": 2, "gpus": 1, "gpu": "GPU", "placement": {},
+                       "parts": {"scenarios": {"commit": "abc", "date": "today", "reps": 1},
+                                 "cost": {"commit": "def", "date": "later", "rounds": 5}}},
               "scenarios": failstop._tally(ranks, world=2),
               "cost": [{"algorithm": "one_shot", "bytes": 1024, "mode": "graph",
                         "slowest_rank_fail_stop_us": 5.1, "slowest_rank_without_us": 5.0,
@@ -37,3 +40,17 @@ def test_the_table_shows_every_scenario_and_the_cost_ratios():
     table = failstop._markdown(record)
     assert "| peer stalled between barriers, eager/one_shot | 1 | 0 |" in table
     assert "| one_shot | 1024 | graph | 5.10 | 5.00 | 1.020 | 1.010, 1.030 |" in table
+    assert "- scenarios: commit abc, today, reps 1" in table and "- cost: commit def, later, rounds 5" in table
+
+
+def test_parts_run_separately_are_kept_only_for_the_same_world_and_gpu(tmp_path):
+    path = tmp_path / "failstop-4ranks.json"
+    assert failstop._kept(str(path), 4, "GPU") == {"meta": {"parts": {}}}  # nothing there yet
+    earlier = {"meta": {"world_size": 4, "gpu": "GPU", "parts": {"cost": {"commit": "abc", "date": "d"}}},
+               "cost": [{"algorithm": "one_shot"}]}
+    path.write_text(json.dumps(earlier))
+    assert failstop._kept(str(path), 4, "GPU") == earlier
+    assert failstop._kept(str(path), 8, "GPU") == {"meta": {"parts": {}}}
+    assert failstop._kept(str(path), 4, "other GPU") == {"meta": {"parts": {}}}
+    path.write_text(json.dumps({"meta": {"world_size": 4, "gpu": "GPU"}}))  # written before parts had provenance
+    assert failstop._kept(str(path), 4, "GPU") == {"meta": {"parts": {}}}
