@@ -600,34 +600,44 @@ __global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restric
   bool ok = poisoned == 0u;
   if (!ok) stopped<N>(ctx, poisoned, call);
   for (int i = first; i < packs && ok; i += stride) {
-    float acc[Pack<T>::n], x[Pack<T>::n];
+    // Every peer's pack is requested at once; most have landed by now.
+    uint4 v[N];
 #pragma unroll
-    for (int p = 0; p < N; ++p) {
-      uint4 v = ld_volatile_v4(mine + p * slot + i);
-      for (u32 spins = 1; S::empty(v.x) || S::empty(v.y) || S::empty(v.z) || S::empty(v.w); ++spins) {
-        if ((spins & 1023u) == 0u) {
-          const u32 mark = kFailStop ? ld_volatile(&ctx->self->poison) : 0u;
-          if (mark) {
-            stopped<N>(ctx, mark, call);
-            ok = false;
-            break;
-          }
-          if (global_timer_ns() > deadline) {
-            give_up<N>(ctx, kTimeout, p, call);
-            ok = false;
-            break;
-          }
+    for (int p = 0; p < N; ++p) v[p] = ld_volatile_v4(mine + p * slot + i);
+    // Spin, re-reading only the packs that have not landed yet.
+    for (u32 spins = 1;; ++spins) {
+      int late = -1;  // the lowest peer still missing
+#pragma unroll
+      for (int p = N - 1; p >= 0; --p) {
+        if (S::empty(v[p].x) || S::empty(v[p].y) || S::empty(v[p].z) || S::empty(v[p].w)) {
+          late = p;
+          v[p] = ld_volatile_v4(mine + p * slot + i);
         }
-        v = ld_volatile_v4(mine + p * slot + i);
       }
-      if (!ok) break;
-      Pack<T>::load(v, p == 0 ? acc : x);
-      if (p > 0) {
-#pragma unroll
-        for (int e = 0; e < Pack<T>::n; ++e) acc[e] += x[e];
+      if (late < 0) break;
+      if ((spins & 1023u) == 0u) {
+        const u32 mark = kFailStop ? ld_volatile(&ctx->self->poison) : 0u;
+        if (mark) {
+          stopped<N>(ctx, mark, call);
+          ok = false;
+          break;
+        }
+        if (global_timer_ns() > deadline) {
+          give_up<N>(ctx, kTimeout, late, call);
+          ok = false;
+          break;
+        }
       }
     }
     if (!ok) break;
+    float acc[Pack<T>::n], x[Pack<T>::n];
+    Pack<T>::load(v[0], acc);
+#pragma unroll
+    for (int p = 1; p < N; ++p) {
+      Pack<T>::load(v[p], x);
+#pragma unroll
+      for (int e = 0; e < Pack<T>::n; ++e) acc[e] += x[e];
+    }
     out[i] = Pack<T>::store(acc);
 #pragma unroll
     for (int p = 0; p < N; ++p) mine[p * slot + i] = empty;
