@@ -495,9 +495,11 @@ __global__ void __launch_bounds__(512) two_shot(const Context* __restrict__ ctx,
 // buffer, then reduces its own buffer as the data lands. Readiness travels
 // with the data: the buffer is pre-filled with a sentinel (-0.0 in every
 // element) that no input can carry, because inputs' -0.0 is written as +0.0
-// (which changes no sum's value). A reader spins until a pack holds no
-// sentinel element; aligned 32-bit stores are single-copy atomic, so an
-// element is either the sentinel or the final value, never a mix.
+// (which changes no sum's value). A reader requests every peer's pack at
+// once, then re-reads only those that still hold a sentinel element (one
+// peer at a time, each load would wait for the one before); aligned 32-bit
+// stores are single-copy atomic, so an element is either the sentinel or the
+// final value, never a mix.
 //
 // Reuse: the buffer rotates over 3 copies (call k uses copy k mod 3), and the
 // owner re-fills each pack with the sentinel right after reading it. A peer
