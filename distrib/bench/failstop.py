@@ -38,6 +38,7 @@ from datetime import datetime, timezone
 import distrib
 
 from ..testing import failstop
+from ._alternate import time_in_turns
 from ..testing.placement import placement, visible_gpus
 
 SIZES = {"lamport_one_shot": 1 << 10, "one_shot": 256 << 10, "two_shot": 1 << 20}
@@ -156,35 +157,8 @@ def _cost_worker(rounds: int, ops: int, eager_calls: int) -> list[dict]:
     for alg, nbytes in SIZES.items():
         x = torch.full((nbytes // 2,), float(rank + 1), dtype=torch.bfloat16, device="cuda")
         outs = [torch.empty_like(x) for _ in range(ops)]
-        graphs = {}
-        for fs in (True, False):
-            comm = comms[(alg, fs)]
-            graph = torch.cuda.CUDAGraph()
-            with comm.capture():
-                comm.all_reduce(x, out=outs[0])
-                torch.cuda.synchronize()
-                with torch.cuda.graph(graph):
-                    for out in outs:
-                        comm.all_reduce(x, out=out)
-            graphs[fs] = graph
-        times = {(mode, fs): [] for mode in ("graph", "eager") for fs in (True, False)}
-        for _ in range(rounds):
-            for fs in (True, False):  # alternately, so that drift hits both alike
-                ctx.coordinator.barrier()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graphs[fs].replay()
-                end.record()
-                end.synchronize()
-                times[("graph", fs)].append(start.elapsed_time(end) * 1e3 / ops)
-                ctx.coordinator.barrier()
-                comm = comms[(alg, fs)]
-                start.record()
-                for _ in range(eager_calls):
-                    comm.all_reduce(x, out=outs[0])
-                end.record()
-                end.synchronize()
-                times[("eager", fs)].append(start.elapsed_time(end) * 1e3 / eager_calls)
+        times, _ = time_in_turns(ctx, {fs: comms[(alg, fs)] for fs in (True, False)}, x, outs, rounds,
+                                 eager_calls)
         for mode in ("graph", "eager"):
             on, off = times[(mode, True)], times[(mode, False)]
             rows.append({"algorithm": alg, "bytes": nbytes, "mode": mode, "rounds": rounds,

@@ -27,6 +27,7 @@ from pathlib import Path
 import distrib
 
 from ..testing.placement import placement, visible_gpus
+from ._alternate import time_in_turns
 from .failstop import _commit, _gpu_name
 
 KERNEL_FILES = ("custom_all_reduce.cu", "custom_all_reduce.cuh")
@@ -76,36 +77,7 @@ def _worker(base_dir: str, algorithm: str, sizes: list, rounds: int, ops: int, e
     for nbytes in sizes:
         x = torch.full((nbytes // 2,), float(rank + 1), dtype=torch.bfloat16, device="cuda")
         outs = [torch.empty_like(x) for _ in range(ops)]
-        graphs = {}
-        for variant, comm in comms.items():
-            graph = torch.cuda.CUDAGraph()
-            with comm.capture():
-                comm.all_reduce(x, out=outs[0])
-                torch.cuda.synchronize()
-                with torch.cuda.graph(graph):
-                    for out in outs:
-                        comm.all_reduce(x, out=out)
-            graphs[variant] = graph
-        times = {(mode, v): [] for mode in ("graph", "eager") for v in VARIANTS}
-        wrong = {"graph": 0, "eager": 0}
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(rounds):
-            for variant, comm in comms.items():
-                ctx.coordinator.barrier()
-                start.record()
-                graphs[variant].replay()
-                end.record()
-                end.synchronize()
-                times[("graph", variant)].append(start.elapsed_time(end) * 1e3 / ops)
-                wrong["graph"] += sum(not bool((out == expect).all()) for out in outs)
-                ctx.coordinator.barrier()
-                start.record()
-                for _ in range(eager_calls):
-                    comm.all_reduce(x, out=outs[0])
-                end.record()
-                end.synchronize()
-                times[("eager", variant)].append(start.elapsed_time(end) * 1e3 / eager_calls)
-                wrong["eager"] += not bool((outs[0] == expect).all())
+        times, wrong = time_in_turns(ctx, comms, x, outs, rounds, eager_calls, expect=expect)
 
         def ratio(mode, a, b):
             return statistics.median(p / q for p, q in zip(times[(mode, a)], times[(mode, b)]))
