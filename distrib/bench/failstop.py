@@ -38,8 +38,8 @@ from datetime import datetime, timezone
 import distrib
 
 from ..testing import failstop
-from ._alternate import time_in_turns
 from ..testing.placement import placement, visible_gpus
+from ._alternate import time_in_turns
 
 SIZES = {"lamport_one_shot": 1 << 10, "one_shot": 256 << 10, "two_shot": 1 << 20}
 
