@@ -34,11 +34,13 @@ import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import distrib
 
 from ..testing import failstop
 from ..testing.placement import placement, visible_gpus
+from . import _report
 from ._alternate import time_in_turns
 
 SIZES = {"lamport_one_shot": 1 << 10, "one_shot": 256 << 10, "two_shot": 1 << 20}
@@ -227,11 +229,7 @@ def main(argv=None) -> int:
                                    median_round_ratio_per_rank=[p[i]["median_round_ratio"] for p in rows])
                               for i, r in enumerate(rows[0])]
             ran("cost", rounds=args.rounds)
-        with open(path, "w") as f:
-            json.dump(record, f, indent=1)
-        with open(path.replace(".json", ".md"), "w") as f:
-            f.write(_markdown(record))
-        print(_markdown(record), flush=True)
+        _report.save(record, _markdown(record), Path(args.out), f"failstop-{world}ranks")
     return 0
 
 

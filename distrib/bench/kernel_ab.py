@@ -16,8 +16,6 @@ kernel-ab-<algorithm>.json and a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import tempfile
@@ -27,6 +25,7 @@ from pathlib import Path
 import distrib
 
 from ..testing.placement import placement, visible_gpus
+from . import _report
 from ._alternate import time_in_turns
 from .failstop import _commit, _gpu_name
 
@@ -149,13 +148,11 @@ def main(argv=None) -> int:
     parser.add_argument("--head", default=None, help="what to call the working tree's kernels "
                                                      "(default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     record = {"meta": {"algorithm": args.algorithm, "gpu": _gpu_name(), "gpus": visible_gpus(),
                        "head": args.head or _commit(), "date": datetime.now(timezone.utc).isoformat(),
                        "command": "python -m distrib.bench kernel-ab " + " ".join(argv or []),
                        "placements": {}},
               "worlds": {}}
-    path = os.path.join(args.out, f"kernel-ab-{args.algorithm}.json")
     with tempfile.TemporaryDirectory() as base_dir:
         record["meta"]["base"] = _export(args.base, Path(base_dir))
         for world in args.nprocs:
@@ -164,9 +161,6 @@ def main(argv=None) -> int:
                                       timeout=900, start_method="forkserver", **placement(world))
             record["meta"]["placements"][world] = placement(world)
             record["worlds"][world] = _summary(per_rank)
-            with open(path, "w") as f:
-                json.dump(record, f, indent=1)
-            with open(path.replace(".json", ".md"), "w") as f:
-                f.write(_markdown(record))
-    print(_markdown(record), flush=True)
+            # After each world size, so that a later one that fails leaves the earlier ones.
+            _report.save(record, _markdown(record), Path(args.out), f"kernel-ab-{args.algorithm}")
     return 0
