@@ -254,6 +254,23 @@ __device__ void stopped(const Context* ctx, u32 mark, u32 call) {
   record_error(ctx, kPoisoned, mark, call);
 }
 
+// A wait's periodic look: true (and the communicator passed on or stopped)
+// if the poison word is set, or the deadline has passed waiting for `waited`.
+template <int N>
+__device__ __forceinline__ bool must_stop(const Context* ctx, const u32* poison, u64 deadline, int waited,
+                                          u32 call) {
+  const u32 mark = kFailStop ? ld_volatile(poison) : 0u;
+  if (mark) {
+    stopped<N>(ctx, mark, call);
+    return true;
+  }
+  if (global_timer_ns() > deadline) {
+    give_up<N>(ctx, kTimeout, waited, call);
+    return true;
+  }
+  return false;
+}
+
 // This block's share of the output becomes NaN (all-ones words are NaN in
 // float32, float16 and bfloat16 alike).
 __device__ __forceinline__ void poison_output(uint4* out, int packs) {
@@ -306,15 +323,7 @@ __device__ __forceinline__ bool barrier(const Context* ctx, const Link& link, u3
     // above); issued beside the first arrival load.
     const u32 late = kFailStop && kKind != kMiddle ? ld_volatile(link.poison) : 0u;
     for (u32 spins = 1; (int)(ld_acquire_sys(link.in) - target) < 0; ++spins) {
-      if ((spins & 15u) != 0u) continue;
-      const u32 mark = kFailStop ? ld_volatile(link.poison) : 0u;
-      if (mark) {
-        stopped<N>(ctx, mark, call);
-        stop = true;
-        break;
-      }
-      if (global_timer_ns() > deadline) {
-        give_up<N>(ctx, kTimeout, peer, call);
+      if ((spins & 15u) == 0u && must_stop<N>(ctx, link.poison, deadline, peer, call)) {
         stop = true;
         break;
       }
@@ -617,18 +626,9 @@ __global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restric
         }
       }
       if (late < 0) break;
-      if ((spins & 1023u) == 0u) {
-        const u32 mark = kFailStop ? ld_volatile(&ctx->self->poison) : 0u;
-        if (mark) {
-          stopped<N>(ctx, mark, call);
-          ok = false;
-          break;
-        }
-        if (global_timer_ns() > deadline) {
-          give_up<N>(ctx, kTimeout, late, call);
-          ok = false;
-          break;
-        }
+      if ((spins & 1023u) == 0u && must_stop<N>(ctx, &ctx->self->poison, deadline, late, call)) {
+        ok = false;
+        break;
       }
     }
     if (!ok) break;
