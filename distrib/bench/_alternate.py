@@ -7,7 +7,8 @@ Used by the benches that compare kernel variants (``failstop``'s cost,
 """
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Optional
+import statistics
+from typing import Hashable, Mapping, Optional, Sequence
 
 
 def time_in_turns(ctx, comms: Mapping[Hashable, object], x, outs: list, rounds: int, eager_calls: int,
@@ -53,3 +54,8 @@ def time_in_turns(ctx, comms: Mapping[Hashable, object], x, outs: list, rounds: 
             if expect is not None:
                 wrong["eager"] += not bool((outs[0] == expect).all())
     return times, wrong
+
+
+def median_round_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """The median over rounds of ``a``'s time over ``b``'s in the same round (drift cancels in each)."""
+    return statistics.median(x / y for x, y in zip(a, b))

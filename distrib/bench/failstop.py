@@ -41,7 +41,7 @@ import distrib
 from ..testing import failstop
 from ..testing.placement import placement, visible_gpus
 from . import _report
-from ._alternate import time_in_turns
+from ._alternate import median_round_ratio, time_in_turns
 
 SIZES = {"lamport_one_shot": 1 << 10, "one_shot": 256 << 10, "two_shot": 1 << 20}
 
@@ -165,7 +165,7 @@ def _cost_worker(rounds: int, ops: int, eager_calls: int) -> list[dict]:
             on, off = times[(mode, True)], times[(mode, False)]
             rows.append({"algorithm": alg, "bytes": nbytes, "mode": mode, "rounds": rounds,
                          "fail_stop_us": _median(on), "without_us": _median(off),
-                         "median_round_ratio": _median([a / b for a, b in zip(on, off)])})
+                         "median_round_ratio": median_round_ratio(on, off)})
     for comm in comms.values():
         comm.check()
         comm.close()
@@ -187,7 +187,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     gpu = _gpu_name()
     for index, world in enumerate(args.nprocs):
         path = os.path.join(args.out, f"failstop-{world}ranks.json")

@@ -26,7 +26,7 @@ import distrib
 
 from ..testing.placement import placement, visible_gpus
 from . import _report
-from ._alternate import time_in_turns
+from ._alternate import median_round_ratio, time_in_turns
 from .failstop import _commit, _gpu_name
 
 KERNEL_FILES = ("custom_all_reduce.cu", "custom_all_reduce.cuh")
@@ -79,7 +79,7 @@ def _worker(base_dir: str, algorithm: str, sizes: list, rounds: int, ops: int, e
         times, wrong = time_in_turns(ctx, comms, x, outs, rounds, eager_calls, expect=expect)
 
         def ratio(mode, a, b):
-            return statistics.median(p / q for p, q in zip(times[(mode, a)], times[(mode, b)]))
+            return median_round_ratio(times[(mode, a)], times[(mode, b)])
 
         for mode in ("graph", "eager"):
             rows.append({"bytes": nbytes, "mode": mode, "rounds": rounds, "wrong": wrong[mode],

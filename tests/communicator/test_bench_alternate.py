@@ -90,3 +90,8 @@ def test_every_variant_is_timed_each_round_and_wrong_results_are_counted_per_mod
     assert wrong == {"graph": 2 * 4, "eager": 3}
     unchecked = _alternate.time_in_turns(ctx, {"bad": bad}, x, outs, rounds=1, eager_calls=1)[1]
     assert unchecked == {"graph": 0, "eager": 0}
+
+
+def test_the_round_ratio_pairs_each_round_before_taking_the_median():
+    on, off = [1.0, 1.0, 5.0, 5.0, 5.0], [1.0, 1.0, 4.0, 4.0, 6.0]  # per-round ratios 1, 1, 1.25, 1.25, 0.83
+    assert _alternate.median_round_ratio(on, off) == 1.0  # the ratio of the medians would be 1.25
