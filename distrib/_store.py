@@ -258,12 +258,16 @@ threading.Event().wait()
 """
 
 
-def connect_store(info: LaunchInfo, timeout: float):
-    """The store for a worker process: a client, or (rank 0 without an agent) the host."""
+def connect_store(info: LaunchInfo, timeout: float, client: bool = False):
+    """The store for a worker process: a client, or (rank 0 without an agent) the host.
+
+    ``client=True``: a client in every case (a further connection, to a store
+    this launch already hosts).
+    """
     from torch.distributed import TCPStore
 
     hosted_by_launcher = os.environ.get(AGENT_STORE_VAR) == "True"
-    is_host = info.rank == 0 and not hosted_by_launcher
+    is_host = info.rank == 0 and not hosted_by_launcher and not client
     try:
         if not is_host:
             return TCPStore(info.master_addr, info.master_port, info.world_size,

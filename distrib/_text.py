@@ -15,3 +15,9 @@ def format_ranks(ranks: Iterable[int]) -> str:
             out.append(f"{start}" if start == r else f"{start}-{r}")
             start = None
     return ", ".join(out)
+
+
+def rank_list(ranks: Iterable[int]) -> str:
+    """[2] -> 'rank 2'; [0, 1, 2, 5] -> 'ranks 0-2, 5'."""
+    ordered = sorted(set(ranks))
+    return f"rank{'s' if len(ordered) != 1 else ''} {format_ranks(ordered)}"

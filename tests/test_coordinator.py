@@ -32,7 +32,7 @@ def test_barrier_timeout_names_the_rank_that_never_arrived():
             continue
         kind, missing, message = out
         assert kind == "timeout" and tuple(missing) == (2,)
-        assert "ranks 2 never arrived" in message and "arrived: 0-1, 3" in message
+        assert "rank 2 never arrived" in message and "arrived: 0-1, 3" in message
     assert time.monotonic() - start < 60
 
 
@@ -41,7 +41,7 @@ def test_collective_timeout_names_the_rank_that_is_behind():
     for rank in (0, 2):
         kind, missing, message = results[rank]
         assert kind == "timeout", message
-        assert tuple(missing) == (1,) and "ranks 1 never arrived" in message
+        assert tuple(missing) == (1,) and "rank 1 never arrived" in message
 
 
 def test_users_env_default_group_works_alongside_the_coordinator():

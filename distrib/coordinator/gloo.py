@@ -7,6 +7,10 @@ counter per barrier and one key per rank), which is what lets a timeout name
 the ranks that never arrived. Broadcast and all-gather run on gloo; before
 each one a rank records how many collectives it has entered, so a gloo
 timeout can name the ranks that are behind.
+
+A group (:meth:`Coordinator.group`) is one more GlooCoordinator with its own
+gloo process group, its own client of the store and its own prefix there
+(named by the group's key), started by its members alone.
 """
 from __future__ import annotations
 
@@ -16,9 +20,9 @@ import os
 from typing import Callable, Optional
 
 from ..errors import CoordinatorError, DistribError, DistribTimeoutError
-from .._text import format_ranks
+from .._text import format_ranks, rank_list
 from ..info import LaunchInfo
-from .api import DEFAULT_TIMEOUT, Coordinator, coordinators
+from .api import DEFAULT_TIMEOUT, Coordinator, GroupSpec, coordinators
 
 __all__ = ["GlooCoordinator"]
 
@@ -29,8 +33,9 @@ class GlooCoordinator(Coordinator):
 
     name = "gloo"
 
-    def __init__(self, info: LaunchInfo, timeout: Optional[float] = None, store=None):
-        super().__init__(info)
+    def __init__(self, info: LaunchInfo, timeout: Optional[float] = None, store=None,
+                 group: Optional[GroupSpec] = None):
+        super().__init__(info, group)
         import torch
         import torch.distributed as dist
 
@@ -40,24 +45,55 @@ class GlooCoordinator(Coordinator):
         self._dist = dist
         self.timeout = float(timeout if timeout is not None
                              else os.environ.get("DISTRIB_COORDINATOR_TIMEOUT", DEFAULT_TIMEOUT))
-        self._root_store = store if store is not None else connect_store(info, self.timeout)
-        self._store = dist.PrefixStore(f"distrib/{info.launch_id}/coordinator", self._root_store)
-        self._collectives = 0  # gloo collectives entered by this rank
-        self._barriers: dict[str, int] = {}  # barrier scope -> generation
         self._closed = False
         self._broken: Optional[str] = None
+        self._collectives = 0  # gloo collectives entered by this rank
+        self._barriers: dict[str, int] = {}  # barrier scope -> generation
+        self._nodes: Optional[list[int]] = None  # a group's launch node of each member
+        self._abandoned: list = []  # timed-out point-to-point work gloo may still write into
+        # A group has its own client: a store client serialises its calls, so a
+        # barrier waiting in one group would hold up every other group's.
+        self._root_store = store if store is not None else connect_store(
+            info, self.timeout, client=group is not None)
+        prefix = f"distrib/{info.launch_id}/coordinator"
+        self._store = dist.PrefixStore(prefix if self.is_world else f"{prefix}/{self.spec.key}",
+                                       self._root_store)
+        self._of = "" if self.is_world else f" of {self.describe()}"
 
         # Record arrival before the gloo rendezvous, so a rank that never
         # constructs its coordinator is named by the timeout.
         self._mark_entered()
+        what = "coordinator start-up" if self.is_world else f"start-up{self._of}"
         try:
             options = dist.ProcessGroupGloo._Options()
             options._timeout = datetime.timedelta(seconds=self.timeout)
             options._devices = [_gloo_device(dist, info)]
             self._pg = dist.ProcessGroupGloo(
-                dist.PrefixStore("gloo", self._store), info.rank, info.world_size, options)
+                dist.PrefixStore("gloo", self._store), self.rank, self.world_size, options)
         except Exception as exc:
-            raise self._collective_error("coordinator start-up", exc, self.timeout) from exc
+            raise self._collective_error(what, exc, self.timeout) from exc
+        if not self.is_world:
+            self._agree_on_membership()
+
+    def _agree_on_membership(self) -> None:
+        """Every member's view of the group, and where each member runs (one all-gather)."""
+        import json
+
+        mine = {"ranks": list(self.ranks), "name": self.spec.name, "node": self.info.node_rank}
+        views = [json.loads(b) for b in self.all_gather(json.dumps(mine).encode())]
+        differ = [self.ranks[r] for r, view in enumerate(views)
+                  if (view["ranks"], view["name"]) != (mine["ranks"], mine["name"])]
+        if differ:
+            raise CoordinatorError(
+                f"{rank_list(differ)} made {self.describe()} with another name: "
+                + "; ".join(f"rank {self.ranks[r]} named it {v['name']!r}" for r, v in enumerate(views))
+                + ". Every member must create its groups alike.")
+        self._nodes = [view["node"] for view in views]
+        self._place(self._nodes)
+
+    def _new_group(self, spec: GroupSpec, timeout: Optional[float]) -> "GlooCoordinator":
+        self._check_usable()
+        return GlooCoordinator(self.info, timeout=self.timeout if timeout is None else timeout, group=spec)
 
     @property
     def store(self):
@@ -71,7 +107,8 @@ class GlooCoordinator(Coordinator):
     def broadcast(self, data: bytes, src: int = 0, timeout: Optional[float] = None) -> bytes:
         self._check_usable()
         if not 0 <= src < self.world_size:
-            raise CoordinatorError(f"broadcast src={src} is not a rank; expected 0 <= src < {self.world_size}")
+            raise CoordinatorError(f"broadcast src={src}{self._of} is not a rank; expected 0 <= src < "
+                                   f"{self.world_size}")
         torch = self._torch
         payload = _as_bytes(data) if self.rank == src else b""
         length = torch.tensor([len(payload)], dtype=torch.int64)
@@ -105,6 +142,57 @@ class GlooCoordinator(Coordinator):
                   lambda t: self._pg.allgather([out], [padded], _options("AllgatherOptions", t)))
         return [_bytes_of(t)[:n] for t, n in zip(out, sizes)]
 
+    # -- point to point -------------------------------------------------------
+    def send(self, data: bytes, dst: int, timeout: Optional[float] = None) -> None:
+        self._check_usable()
+        self._check_peer("send to", dst)
+        payload = _as_bytes(data)
+        length = self._torch.tensor([len(payload)], dtype=self._torch.int64)
+        self._p2p("send", dst, length, timeout)
+        if payload:
+            self._p2p("send", dst, _tensor_from(payload), timeout)
+
+    def recv(self, src: int, timeout: Optional[float] = None) -> bytes:
+        self._check_usable()
+        self._check_peer("recv from", src)
+        torch = self._torch
+        length = torch.empty(1, dtype=torch.int64)
+        self._p2p("recv", src, length, timeout)
+        n = int(length.item())
+        if n == 0:
+            return b""
+        buf = torch.empty(n, dtype=torch.uint8)
+        self._p2p("recv", src, buf, timeout)
+        return _bytes_of(buf)
+
+    def _check_peer(self, what: str, peer: int) -> None:
+        if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < self.world_size:
+            raise CoordinatorError(f"{what} rank {peer!r}{self._of}: expected a rank in 0..{self.world_size - 1}")
+        if peer == self.rank:
+            raise CoordinatorError(f"{what} rank {peer}{self._of}: that is this rank itself")
+
+    def _p2p(self, what: str, peer: int, tensor, timeout: Optional[float]) -> None:
+        seconds = self._timeout(timeout)
+        work = (self._pg.send if what == "send" else self._pg.recv)([tensor], peer, 0)
+        try:
+            work.wait(datetime.timedelta(seconds=seconds))
+        except Exception as exc:
+            # The transfer may still complete into this tensor: keep both alive.
+            self._abandoned.append((work, tensor))
+            peer_rank = self.ranks[peer]
+            self._broken = f"{what} with rank {peer_rank} failed: {_first_line(exc)}"
+            direction = "to" if what == "send" else "from"
+            if _is_timeout(exc):
+                _report_stuck(f"{what}{self._of}")
+                raise DistribTimeoutError(
+                    f"{what} {direction} rank {peer_rank}{self._of} timed out after {seconds:g}s on rank "
+                    f"{self.global_rank}: rank {peer_rank} never made the matching "
+                    f"{'recv' if what == 'send' else 'send'} (hung, dead, or busy elsewhere)",
+                    missing=[peer_rank]) from None
+            raise CoordinatorError(
+                f"{what} {direction} rank {peer_rank}{self._of} failed on rank {self.global_rank}: "
+                f"{_first_line(exc)}. The peer probably exited or crashed; check its output.") from exc
+
     # -- store barriers ------------------------------------------------------
     def barrier(self, timeout: Optional[float] = None) -> None:
         self._check_usable()
@@ -112,7 +200,7 @@ class GlooCoordinator(Coordinator):
 
     def local_barrier(self, timeout: Optional[float] = None) -> None:
         self._check_usable()
-        self._store_barrier(f"node{self.node_rank}", None, timeout)
+        self._store_barrier(f"node{self.info.node_rank}", None, timeout)
 
     def _store_barrier(self, scope: str, ranks: Optional[list[int]], timeout: Optional[float]) -> None:
         """Counter barrier on the store.
@@ -140,16 +228,16 @@ class GlooCoordinator(Coordinator):
         except Exception as exc:
             if not _is_timeout(exc):
                 self._broken = f"the rendezvous store failed: {exc}"
-                raise CoordinatorError(f"{scope} barrier failed on rank {self.rank}: {exc}. "
+                raise CoordinatorError(f"{scope} barrier{self._of} failed on rank {self.global_rank}: {exc}. "
                                        f"{_store_lost_hint(self.info)}") from exc
-            arrived = self._arrived(key, ranks)
-            participants = ranks if ranks is not None else self._node_members()
+            arrived = self.global_ranks(self._arrived(key, ranks))
+            participants = self.global_ranks(ranks if ranks is not None else self._node_members())
             missing = [r for r in participants if r not in arrived]
-            what = "barrier" if ranks is not None else f"local barrier of node {self.node_rank}"
-            _report_stuck(what)
+            what = "barrier" if ranks is not None else f"local barrier of node {self.info.node_rank}"
+            _report_stuck(what + self._of)
             raise DistribTimeoutError(
-                f"{what} timed out after {seconds:g}s on rank {self.rank}: "
-                f"{_describe_missing(missing, arrived, ranks)}", missing=missing,
+                f"{what}{self._of} timed out after {seconds:g}s on rank {self.global_rank}: "
+                f"{_describe_missing(missing, arrived)}", missing=missing,
             ) from None
 
     def _arrived(self, key: str, ranks: Optional[list[int]]) -> list[int]:
@@ -157,10 +245,14 @@ class GlooCoordinator(Coordinator):
         return [r for r in candidates if self._store.check([f"{key}/rank{r}"])]
 
     def _node_members(self) -> list[int]:
-        """Global ranks on this node: each rank records its node at start-up."""
+        """The ranks (of this coordinator) on this node: a group knows where its members run; in
+        the whole launch each rank records its node at start-up."""
+        node = self.info.node_rank
+        if self._nodes is not None:
+            return [r for r, n in enumerate(self._nodes) if n == node]
         store = self._store
         return [r for r in range(self.world_size)
-                if store.check([f"node/{r}"]) and store.get(f"node/{r}") == str(self.node_rank).encode()]
+                if store.check([f"node/{r}"]) and store.get(f"node/{r}") == str(node).encode()]
 
     def _delete_generation(self, key: str, scope: str, ranks: Optional[list[int]]) -> None:
         store = self._store
@@ -170,7 +262,7 @@ class GlooCoordinator(Coordinator):
 
     # -- plumbing -------------------------------------------------------------
     def _mark_entered(self) -> None:
-        self._store.set(f"node/{self.rank}", str(self.node_rank).encode())
+        self._store.set(f"node/{self.rank}", str(self.info.node_rank).encode())
         self._store.set(f"entered/{self.rank}", str(self._collectives).encode())
 
     def _run(self, what: str, timeout: Optional[float], op: Callable) -> None:
@@ -180,28 +272,29 @@ class GlooCoordinator(Coordinator):
         try:
             op(datetime.timedelta(seconds=seconds)).wait()
         except Exception as exc:
-            raise self._collective_error(what, exc, seconds) from exc
+            raise self._collective_error(what + self._of, exc, seconds) from exc
 
     def _collective_error(self, what: str, exc: Exception, seconds: float) -> DistribError:
-        """Turn a gloo failure into our error, naming the ranks that are behind."""
+        """Turn a gloo failure into our error, naming the (global) ranks that are behind."""
         self._broken = f"{what} failed: {exc}"
         try:
             entered = {r: int(self._store.get(f"entered/{r}"))
                        for r in range(self.world_size) if self._store.check([f"entered/{r}"])}
         except Exception:  # the store itself is gone (the master died)
             entered = {}
-        behind = [r for r in range(self.world_size) if entered.get(r, -1) < self._collectives]
+        behind = self.global_ranks(r for r in range(self.world_size) if entered.get(r, -1) < self._collectives)
+        where = f"on rank {self.global_rank}"
         if _is_timeout(exc):
             _report_stuck(what)
         if _is_timeout(exc) and behind:
             return DistribTimeoutError(
-                f"{what} timed out after {seconds:g}s on rank {self.rank}: ranks {format_ranks(behind)} "
-                "never arrived (they are still in earlier work, hung, or dead)", missing=behind)
+                f"{what} timed out after {seconds:g}s {where}: {rank_list(behind)} never arrived "
+                "(still in earlier work, hung, or dead)", missing=behind)
         if _is_timeout(exc):
-            return DistribTimeoutError(f"{what} timed out after {seconds:g}s on rank {self.rank}: {exc}")
-        hint = f"; ranks {format_ranks(behind)} had not arrived" if behind else ""
+            return DistribTimeoutError(f"{what} timed out after {seconds:g}s {where}: {exc}")
+        hint = f"; {rank_list(behind)} had not arrived" if behind else ""
         return CoordinatorError(
-            f"{what} failed on rank {self.rank}: {_first_line(exc)}{hint}. A peer process probably "
+            f"{what} failed {where}: {_first_line(exc)}{hint}. A peer process probably "
             "exited or crashed; check its output.")
 
     def _timeout(self, timeout: Optional[float]) -> float:
@@ -218,7 +311,7 @@ class GlooCoordinator(Coordinator):
                 f"this coordinator is unusable after an earlier failure ({self._broken}); "
                 "ranks may be out of step, so the launch should stop")
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
@@ -301,7 +394,7 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _describe_missing(missing: list[int], arrived: list[int], ranks: Optional[list[int]]) -> str:
+def _describe_missing(missing: list[int], arrived: list[int]) -> str:
     if missing:
-        return f"ranks {format_ranks(missing)} never arrived (arrived: {format_ranks(arrived) or 'none'})"
+        return f"{rank_list(missing)} never arrived (arrived: {format_ranks(arrived) or 'none'})"
     return f"arrived: {format_ranks(arrived) or 'none'}; the missing ranks never started their coordinator"
