@@ -13,10 +13,11 @@ from typing import Mapping, Optional
 
 from .errors import ConfigError
 
-__all__ = ["LaunchInfo", "ENV_VARS", "SHARE_GPU_VAR"]
+__all__ = ["LaunchInfo", "ENV_VARS", "SHARE_GPU_VAR", "ranks_sharing_a_gpu"]
 
-# "1" in every process of a launch whose ranks share GPUs (the launchers' share_gpu):
-# communicators that need a GPU per rank (NCCL) read it to stand aside.
+# Set in every process of a launch whose ranks share GPUs (the launchers' share_gpu), to the
+# most ranks of its node on one GPU: communicators that need a GPU per rank (NCCL) read it to
+# stand aside, and the custom all-reduce to size its kernels for every rank on a GPU.
 SHARE_GPU_VAR = "DISTRIB_SHARE_GPU"
 
 # field name -> environment variable
@@ -161,6 +162,12 @@ class LaunchInfo:
             master_port=master_port,
             secret=env.get("DISTRIB_SECRET", ""),
         )
+
+
+def ranks_sharing_a_gpu(environ: Optional[Mapping[str, str]] = None) -> int:
+    """The most ranks of this node on one GPU, as the launcher said (``SHARE_GPU_VAR``); 1 if unset."""
+    text = (os.environ if environ is None else environ).get(SHARE_GPU_VAR, "")
+    return int(text) if text.isdigit() and int(text) > 0 else 1
 
 
 def _check(ok: bool, var: str, value, expected: str) -> None:

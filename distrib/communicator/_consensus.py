@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Callable, Optional
 
-from .._text import format_ranks
+from .._text import rank_list
 from ..errors import CommunicatorError
 from ._types import Collective
 
@@ -59,38 +59,69 @@ def local_unavailable_reason(cls, coordinator, device) -> Optional[str]:
 
 
 def check_peers(comm, collective: Collective, signature: Optional[tuple] = None,
-                error: Optional[str] = None) -> None:
+                error: Optional[str] = None, peer: int = 0) -> None:
     """Debug mode: compare this call across ranks before anything is enqueued.
 
     Raises :class:`CommunicatorError` on every rank when the ranks called
     different collectives or passed different shapes, dtypes, ops or roots,
     or when some rank rejected its input (that rank re-raises its own error).
+    A send or recv is compared with its peer's call alone, through the
+    Coordinator's point-to-point messages (both raise on a mismatch).
     """
-    replies = _gather(comm, {"signature": list(signature) if signature else None, "error": error})
-    failed = {rank: reply["error"] for rank, reply in enumerate(replies) if reply["error"]}
+    message = {"signature": list(signature) if signature else None, "error": error}
+    if collective.is_point_to_point:
+        if error is not None and not _is_rank(peer, comm):
+            return  # no peer to tell: the caller raises its own error
+        replies = _exchange(comm, message, peer, first=collective is Collective.SEND)
+        ranks = [comm.rank, peer]
+    else:
+        replies = _gather(comm, message)
+        ranks = list(range(comm.world_size))
+    failed = {rank: reply["error"] for rank, reply in zip(ranks, replies) if reply["error"]}
+    named = comm.coordinator.global_ranks if hasattr(comm.coordinator, "global_ranks") else list
     if failed:
         if error is not None:
             return  # the caller raises its own error
-        rank, message = next(iter(failed.items()))
-        others = f" (and ranks {format_ranks(list(failed)[1:])})" if len(failed) > 1 else ""
+        (rank, text), *others = failed.items()
+        also = f" (and {rank_list(named(r for r, _ in others))})" if others else ""
         raise CommunicatorError(
-            f"{collective} was not run: rank {rank}{others} rejected its input: {message}")
-    signatures = [tuple(_freeze(reply["signature"])) for reply in replies]
+            f"{collective} was not run: rank {named([rank])[0]}{also} rejected its input: {text}")
+    signatures = [_freeze(reply["signature"]) for reply in replies]
+    if collective.is_point_to_point:
+        mine, theirs = signatures
+        if not _pair_matches(mine, theirs):
+            raise CommunicatorError(
+                f"{collective} does not match its peer's call (caught by debug mode before running): "
+                f"rank {named([comm.rank])[0]}: {_describe(mine, named)}; rank {named([peer])[0]}: "
+                f"{_describe(theirs, named)}. A send and its recv need the same shape and dtype.")
+        return
     if any(s != signatures[0] for s in signatures):
         groups: dict = {}
         for rank, sig in enumerate(signatures):
             groups.setdefault(sig, []).append(rank)
-        described = "; ".join(f"rank{'s' if len(r) > 1 else ''} {format_ranks(r)}: {_describe(s)}"
-                              for s, r in groups.items())
+        described = "; ".join(f"{rank_list(named(r))}: {_describe(s, named)}" for s, r in groups.items())
         raise CommunicatorError(
             f"{collective} calls differ across ranks (caught by debug mode before running): {described}. "
             "Every rank must call the same collective with the same shape, dtype and op.")
 
 
-def _describe(signature: tuple) -> str:
+def _pair_matches(mine: tuple, theirs: tuple) -> bool:
+    """A send and a recv pair up: each names the other, with the same dtype, shape and backend."""
+    kinds = {mine[0], theirs[0]}
+    return kinds == {"send", "recv"} and mine[2:4] == theirs[2:4] and mine[5] == theirs[5]
+
+
+def _is_rank(peer, comm) -> bool:
+    return isinstance(peer, int) and not isinstance(peer, bool) and 0 <= peer < comm.world_size \
+        and peer != comm.rank
+
+
+def _describe(signature: tuple, named=list) -> str:
     collective, op, dtype, shape, root, via = signature
     what = {"all_reduce": f"all_reduce {op}", "reduce_scatter": f"reduce_scatter {op}",
-            "broadcast": f"broadcast from rank {root}"}.get(collective, collective)
+            "broadcast": f"broadcast from rank {named([root])[0]}",
+            "send": f"send to rank {named([root])[0]}",
+            "recv": f"recv from rank {named([root])[0]}"}.get(collective, collective)
     return f"{what} of {dtype}{list(shape)} via {via}"
 
 
@@ -103,6 +134,18 @@ def _gather(comm, message: dict) -> list[dict]:
     return [_parse(comm, rank, reply, set(message)) for rank, reply in enumerate(replies)]
 
 
+def _exchange(comm, message: dict, peer: int, first: bool) -> list[dict]:
+    """This rank's and ``peer``'s messages; the sending side speaks first."""
+    coordinator, data = comm.coordinator, json.dumps(message).encode()
+    if first:
+        coordinator.send(data, peer)
+        reply = coordinator.recv(peer)
+    else:
+        reply = coordinator.recv(peer)
+        coordinator.send(data, peer)
+    return [message, _parse(comm, peer, reply, set(message))]
+
+
 def _parse(comm, rank: int, reply: bytes, keys: set) -> dict:
     """A peer's message, or an error when the peer is at another step of the protocol."""
     try:
@@ -111,7 +154,7 @@ def _parse(comm, rank: int, reply: bytes, keys: set) -> dict:
         parsed = None
     if not isinstance(parsed, dict) or not keys <= set(parsed):
         raise CommunicatorError(
-            f"{comm.name}: rank {rank} sent {bytes(reply[:40])!r} where this step expected its "
+            f"{comm.name}: rank {_global(comm, rank)} sent {bytes(reply[:40])!r} where this step expected its "
             f"{sorted(keys)}; the ranks are out of step (a start-up or a call failed on some ranks "
             "between two collective steps). Stop the launch.")
     return parsed
@@ -121,8 +164,14 @@ def _raise_for_reasons(comm, reasons: list[Optional[str]], what: str) -> None:
     groups: dict = {}
     for rank, reason in enumerate(reasons):
         if reason is not None:
-            groups.setdefault(reason, []).append(rank)
+            groups.setdefault(reason, []).append(_global(comm, rank))
     if groups:
-        described = "; ".join(f"rank{'s' if len(r) > 1 else ''} {format_ranks(r)}: {reason}"
-                              for reason, r in groups.items())
-        raise CommunicatorError(f"{comm.name} {what}: {described}")
+        described = "; ".join(f"{rank_list(r)}: {reason}" for reason, r in groups.items())
+        raise CommunicatorError(f"{comm.name} {what}{comm._on_group}: {described}")
+
+
+def _global(comm, rank: int) -> int:
+    """The global rank of ``comm``'s rank ``rank`` (coordinators without groups: the same)."""
+    ranks = getattr(comm.coordinator, "ranks", None)
+    return ranks[rank] if ranks is not None else rank
+

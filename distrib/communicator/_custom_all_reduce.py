@@ -139,6 +139,8 @@ class CustomAllReduceEngine:
         self._cupy = cupy
         self.rank = coordinator.rank
         self.world_size = coordinator.world_size
+        self._names = tuple(getattr(coordinator, "ranks", range(coordinator.world_size)))  # -> global rank
+        self._scope = "" if getattr(coordinator, "is_world", True) else f" of {coordinator.describe()}"
         self.device = device
         self.timeout_s = timeout_s
         self.on_error = on_error
@@ -254,7 +256,7 @@ class CustomAllReduceEngine:
         verdicts = self._coordinator.all_gather(json.dumps(bad).encode())
         failures = [(writer, owner) for owner, v in enumerate(verdicts) for writer in json.loads(v)]
         if failures:
-            pairs = ", ".join(f"{w}->{o}" for w, o in failures)
+            pairs = ", ".join(f"{self._names[w]}->{self._names[o]}" for w, o in failures)
             return f"P2P writes through CUDA IPC did not arrive for rank pairs {pairs}"
         return None
 
@@ -351,13 +353,13 @@ class CustomAllReduceEngine:
                     base, offset = allocation_of(ptr)
                     mine.append([slot, bytes(rt.ipcGetMemHandle(base)), offset])
         except Exception as exc:  # noqa: BLE001 — reported to every rank below
-            problem = f"rank {self.rank}: {exc}"
+            problem = f"rank {self._names[self.rank]}: {exc}"
         everyone = [msgpack.unpackb(blob) for blob in self._coordinator.all_gather(
             msgpack.packb([problem, mine]))]
         problems = [p for p, _ in everyone if p]
         tables = [t for _, t in everyone]
         if not problems and len({len(t) for t in tables}) != 1:
-            counts = ", ".join(f"rank {r}: {len(t)}" for r, t in enumerate(tables))
+            counts = ", ".join(f"rank {self._names[r]}: {len(t)}" for r, t in enumerate(tables))
             problems.append(f"ranks captured different numbers of custom all-reduces ({counts}); every "
                             "rank must capture the same sequence of all-reduces")
         if not problems and any([e[0] for e in t] != [e[0] for e in mine] for t in tables):
@@ -395,22 +397,27 @@ class CustomAllReduceEngine:
     def describe_failure(self) -> str:
         who, block, call, kind = self._error[0] - 1, self._error[1], self._error[2], self._error[3]
         what = self._call_text(call)
+        name = self._name
         if kind == _TIMEOUT:
-            cause = (f"gave up after {self.timeout_s:g}s waiting for rank {who} (block {block}) in "
-                     f"{what}: rank {who} is hung, dead, or called a different sequence of all-reduces")
+            cause = (f"gave up after {self.timeout_s:g}s waiting for rank {name(who)} (block {block}) in "
+                     f"{what}: rank {name(who)} is hung, dead, or called a different sequence of all-reduces")
         elif kind == _POISONED:
             stopper, waited = (who & 0xFFFF) - 1, (who >> 16) - 1
             reason = ("refused a graph replay before its captured all-reduces were registered"
-                      if waited == stopper else f"had given up waiting for rank {waited}")
-            cause = f"was stopped before {what}: rank {stopper} {reason}"
+                      if waited == stopper else f"had given up waiting for rank {name(waited)}")
+            cause = f"was stopped before {what}: rank {name(stopper)} {reason}"
         elif kind == _UNREGISTERED:
             cause = (f"refused {what}: a CUDA graph was replayed before its captured all-reduces "
                      "were registered (replay only after the `with comm.capture():` block has "
                      "ended), or their registration failed")
         else:
-            cause = f"failed (error kind {kind}, rank {who}, block {block}) in {what}"
-        return (f"custom all-reduce on rank {self.rank} {cause}. The communicator is stopped on "
-                "every rank: later all-reduces raise, and graph replays write NaN.")
+            cause = f"failed (error kind {kind}, rank {name(who)}, block {block}) in {what}"
+        return (f"custom all-reduce on rank {name(self.rank)}{self._scope} {cause}. The communicator is "
+                f"stopped on every rank{self._scope}: later all-reduces raise, and graph replays write NaN.")
+
+    def _name(self, rank: int) -> str:
+        """The global rank of ``rank`` (a rank of this communicator), as text."""
+        return str(self._names[rank]) if 0 <= rank < len(self._names) else f"#{rank}"
 
     def _call_text(self, call: int) -> str:
         if call in self._captured:
@@ -583,7 +590,7 @@ def agree_limits(coordinator, limits: Limits, algorithm: Optional[str]) -> None:
     and algorithm decide which barriers meet: ranks that differ would read
     and write past each other's allocations or pair barriers wrongly.
     """
-    from .._text import format_ranks
+    from .._text import rank_list
 
     mine = dict(asdict(limits), algorithm=algorithm, kernels=kernel_digest())
     everyone = [json.loads(r) for r in coordinator.all_gather(json.dumps(mine, sort_keys=True).encode())]
@@ -591,10 +598,9 @@ def agree_limits(coordinator, limits: Limits, algorithm: Optional[str]) -> None:
     for key in mine:
         groups: dict = {}
         for rank, theirs in enumerate(everyone):
-            groups.setdefault(json.dumps(theirs.get(key)), []).append(rank)
+            groups.setdefault(json.dumps(theirs.get(key)), []).append(coordinator.ranks[rank])
         if len(groups) > 1:
-            differ.append(f"{key}: " + ", ".join(
-                f"rank{'s' if len(r) > 1 else ''} {format_ranks(r)} = {v}" for v, r in groups.items()))
+            differ.append(f"{key}: " + ", ".join(f"{rank_list(r)} = {v}" for v, r in groups.items()))
     if differ:
         raise CommunicatorError(
             "ranks disagree on the custom all-reduce's settings (" + "; ".join(differ) + "); set "

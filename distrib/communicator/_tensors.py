@@ -156,12 +156,18 @@ def common_reject_reason(comm, collective: Collective, view: TensorView, op: Red
                 f"got {view.numel}")
     if collective is Collective.BROADCAST and not 0 <= root < comm.world_size:
         return f"broadcast src={root} is not a rank; expected 0 <= src < {comm.world_size}"
+    if collective.is_point_to_point:
+        peer = "dst" if collective is Collective.SEND else "src"
+        if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < comm.world_size:
+            return f"{collective} {peer}={root!r} is not a rank; expected 0 <= {peer} < {comm.world_size}"
+        if root == comm.rank:
+            return f"{collective} {peer}={root} is this rank itself"
     return None
 
 
 def output_view(collective: Collective, src: TensorView, out: Any, world_size: int) -> TensorView:
     """The view results are written to: ``src`` itself, the caller's ``out``, or a new array."""
-    if collective is Collective.BROADCAST:
+    if collective is Collective.BROADCAST or collective.is_point_to_point:
         return src
     if out is None:
         if collective is Collective.ALL_REDUCE:

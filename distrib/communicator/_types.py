@@ -73,10 +73,18 @@ class DeviceType(_StrEnum):
 
 
 class Collective(_StrEnum):
+    """The data calls of a communicator: collectives, and point-to-point sends and receives."""
+
     ALL_REDUCE = "all_reduce"
     ALL_GATHER = "all_gather"
     REDUCE_SCATTER = "reduce_scatter"
     BROADCAST = "broadcast"
+    SEND = "send"
+    RECV = "recv"
+
+    @property
+    def is_point_to_point(self) -> bool:
+        return self is Collective.SEND or self is Collective.RECV
 
 
 class TensorView(NamedTuple):

@@ -1,8 +1,10 @@
 """The Communicator interface: tensor data between the devices of a launch.
 
-A Communicator reduces and moves tensors (``all_reduce`` and friends) among
-every process of a launch, on one kind of device. Every process calls the same
-collective methods in the same order with tensors of the same shape and dtype.
+A Communicator reduces and moves tensors (``all_reduce`` and friends, and
+``send``/``recv`` between two ranks) among the processes of its Coordinator:
+the whole launch, or a group of it (then ranks are the group's), on one kind
+of device. Every process calls the same collective methods in the same order
+with tensors of the same shape and dtype.
 
 Inputs are PyTorch tensors and CuPy arrays (anything with
 ``__cuda_array_interface__`` or ``__dlpack__``) on the communicator's device,
@@ -29,13 +31,17 @@ Coordinator hands it to every rank, and each rank initialises with
         def _initialize(self, token: bytes) -> None: ... # on every rank
         def _all_reduce(self, src, dst, op) -> None: ... # inputs already checked
         def _close(self) -> None: ...
+
+The data hooks it overrides (``_all_reduce``, ``_all_gather``,
+``_reduce_scatter``, ``_broadcast``, ``_send``, ``_recv``) are what it
+supports; the dispatcher sends every other call down its chain.
 """
 from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional
 
 from ..coordinator.api import Coordinator
 from ..errors import CommunicatorError, DistribError
@@ -48,11 +54,13 @@ __all__ = ["Collective", "Communicator", "DType", "DeviceType", "ReduceOp", "Ten
 
 
 class Communicator(ABC):
-    """Collective tensor operations among every rank of a launch, on one device.
+    """Tensor operations among the ranks of a Coordinator, on one device.
 
-    Construction is collective: every rank constructs the same class with its
-    coordinator. If any rank cannot start, every rank raises
-    :class:`CommunicatorError` naming the ranks and their reasons.
+    Construction is collective over the coordinator (the launch, or a group
+    made by :meth:`Coordinator.group`; only its members take part, and
+    ``rank``/``world_size`` are the group's): every member constructs the same
+    class with its coordinator. If any member cannot start, every member raises
+    :class:`CommunicatorError` naming the (global) ranks and their reasons.
 
     The public data calls check their inputs and raise
     :class:`CommunicatorError` (or :class:`ConfigError` for an unknown op) for
@@ -174,6 +182,74 @@ class Communicator(ABC):
             return _ops.broadcast(self, tensor, src)
         return self._run(Collective.BROADCAST, tensor, ReduceOp.SUM, None, src)
 
+    def send(self, tensor: Any, dst: int) -> None:
+        """Send ``tensor`` to rank ``dst``, which takes it with :meth:`recv`.
+
+        The receiver passes a tensor of the same shape, dtype and kind of
+        device. Messages between two ranks arrive in the order they were sent.
+        Enqueued on the caller's current stream; where the backend allows
+        (NCCL, CUDA IPC) it can be captured in a CUDA graph, with its recv
+        captured on the peer. A send may wait for its recv (a message larger
+        than the backend buffers), so two ranks that send to each other first
+        and receive second can wait on each other: give one of them the other order.
+        """
+        self._run(Collective.SEND, tensor, ReduceOp.SUM, None, dst)
+
+    def recv(self, tensor: Any, src: int) -> Any:
+        """Receive into ``tensor`` what rank ``src`` sent with :meth:`send`; returns ``tensor``."""
+        return self._run(Collective.RECV, tensor, ReduceOp.SUM, None, src)
+
+    def send_tensor_dict(self, tensors: Mapping[str, Any], dst: int) -> None:
+        """Send a dict of torch tensors and plain values to rank ``dst`` (see :meth:`recv_tensor_dict`).
+
+        Its keys, the tensors' dtypes, shapes and devices, and the plain
+        values (numbers, strings, bytes, lists and dicts of them) travel over
+        the Coordinator; then each tensor goes through :meth:`send`, in the
+        dict's order (a non-contiguous one as a contiguous copy).
+        """
+        from ..control import codec
+
+        if not isinstance(tensors, Mapping):
+            raise CommunicatorError(f"send_tensor_dict takes a dict, got {type(tensors).__name__}")
+        data = []
+        for key, value in tensors.items():
+            if not isinstance(key, str):
+                raise CommunicatorError(f"send_tensor_dict: key {key!r} is not a str")
+            if _is_torch_tensor(value):
+                data.append(value if value.is_contiguous() else value.contiguous())
+            elif _holds_tensor(value):
+                raise CommunicatorError(f"send_tensor_dict: {key!r} holds a tensor inside a "
+                                        f"{type(value).__name__}; tensors must be the dict's values")
+        try:
+            meta = codec.encode(dict(tensors))
+        except codec.MessageError as exc:
+            raise CommunicatorError(f"send_tensor_dict: {exc}") from exc
+        self.coordinator.send(meta, dst)
+        for tensor in data:
+            self.send(tensor, dst)
+
+    def recv_tensor_dict(self, src: int) -> dict:
+        """The dict rank ``src`` sent with :meth:`send_tensor_dict`.
+
+        Its tensors are new, on this communicator's device where the sender's
+        were on a GPU, else on the CPU.
+        """
+        import torch
+
+        from ..control import codec
+
+        message = codec.decode(self.coordinator.recv(src))
+        if not isinstance(message, dict):
+            raise CommunicatorError(f"recv_tensor_dict: rank {self.coordinator.ranks[src]} sent "
+                                    f"{type(message).__name__}, not a tensor dict; are the ranks out of step?")
+        result = {}
+        for key, value in message.items():
+            if isinstance(value, codec.TensorMeta):
+                device = "cpu" if value.device == "cpu" else torch.device("cuda", self.device)
+                value = self.recv(torch.empty(value.shape, dtype=_torch_dtype(value.dtype), device=device), src)
+            result[key] = value
+        return result
+
     def _run(self, collective: Collective, tensor: Any, op: Any, out: Any, root: int) -> Any:
         """The eager path of every data call: read the tensor, pick who runs it, check, enqueue.
 
@@ -190,11 +266,11 @@ class Communicator(ABC):
             dst = _tensors.output_view(collective, src, out, self.world_size)
         except DistribError as exc:
             if self.debug:
-                _consensus.check_peers(self, collective, error=str(exc))
+                _consensus.check_peers(self, collective, error=str(exc), peer=root)
             raise
         if self.debug:
             _consensus.check_peers(self, collective, signature=(
-                collective.value, op.value, src.dtype_name, list(src.shape), root, chosen.name))
+                collective.value, op.value, src.dtype_name, list(src.shape), root, chosen.name), peer=root)
         if not src.numel:  # nothing to move; every rank skips alike, since shapes match
             return dst.obj
         if collective is Collective.ALL_REDUCE:
@@ -203,8 +279,12 @@ class Communicator(ABC):
             chosen._all_gather(src, dst)
         elif collective is Collective.REDUCE_SCATTER:
             chosen._reduce_scatter(src, dst, op)
-        else:
+        elif collective is Collective.BROADCAST:
             chosen._broadcast(src, root)
+        elif collective is Collective.SEND:
+            chosen._send(src, root)
+        else:
+            chosen._recv(src, root)
         return dst.obj
 
     @contextmanager
@@ -253,13 +333,13 @@ class Communicator(ABC):
     def _initialize(self, token: bytes) -> None:
         """Join the communicator named by ``token`` as (``self.rank``, ``self.world_size``)."""
 
-    @abstractmethod
     def _all_reduce(self, src: TensorView, dst: TensorView, op: ReduceOp) -> None:
         """Enqueue the reduction of ``src`` into ``dst`` (``dst is src`` when in place).
 
         Inputs are checked: on this device, contiguous, a supported dtype and
         op, at least one element, within :meth:`_check_limits`.
         """
+        raise CommunicatorError(f"all_reduce is not supported by {self.name}")
 
     def _all_gather(self, src: TensorView, dst: TensorView) -> None:
         raise CommunicatorError(f"all_gather is not supported by {self.name}")
@@ -269,6 +349,14 @@ class Communicator(ABC):
 
     def _broadcast(self, view: TensorView, src: int) -> None:
         raise CommunicatorError(f"broadcast is not supported by {self.name}")
+
+    def _send(self, view: TensorView, dst: int) -> None:
+        """Enqueue sending ``view`` to rank ``dst`` (checked: a valid peer, not this rank)."""
+        raise CommunicatorError(f"send is not supported by {self.name}")
+
+    def _recv(self, view: TensorView, src: int) -> None:
+        """Enqueue receiving into ``view`` from rank ``src``."""
+        raise CommunicatorError(f"recv is not supported by {self.name}")
 
     def _torch_all_reduce(self, view: TensorView, op: ReduceOp) -> Optional[Callable[[Any, Any], None]]:
         """Optional: a direct launcher for torch tensors like ``view`` (same dtype, shape, device).
@@ -298,6 +386,9 @@ class Communicator(ABC):
         self.coordinator = coordinator
         self.rank = coordinator.rank
         self.world_size = coordinator.world_size
+        self.global_rank = getattr(coordinator, "global_rank", self.rank)  # what messages name
+        # " in group tp (ranks 4-5)" where the coordinator is a group, for messages
+        self._on_group = "" if getattr(coordinator, "is_world", True) else f" in {coordinator.describe()}"
         self.device = _tensors.device_index(device) if self.device_type is DeviceType.CUDA else None
         self.debug = _tensors.debug_enabled(debug)
         self._closed = False
@@ -320,9 +411,33 @@ class Communicator(ABC):
 
 @functools.lru_cache(maxsize=None)
 def _implemented(cls: type) -> frozenset:
-    """The collectives whose hook ``cls`` overrides (all_reduce is required)."""
-    return frozenset(c for c in Collective if c is Collective.ALL_REDUCE
-                     or getattr(cls, f"_{c.value}") is not getattr(Communicator, f"_{c.value}"))
+    """The data calls whose hook ``cls`` overrides."""
+    return frozenset(c for c in Collective
+                     if getattr(cls, f"_{c.value}") is not getattr(Communicator, f"_{c.value}"))
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_is_torch_tensor(v) or _holds_tensor(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_is_torch_tensor(v) or _holds_tensor(v) for v in value.values())
+    return False
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CommunicatorError(f"recv_tensor_dict: unknown dtype {name!r} from the sender")
+    return dtype
 
 
 communicators: Registry[type[Communicator]] = Registry("communicator", "distrib.communicators")

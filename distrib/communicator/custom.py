@@ -38,6 +38,7 @@ from typing import Iterator, Optional
 
 from ..errors import CommunicatorError
 from . import _custom_tables
+from ..info import ranks_sharing_a_gpu
 from ._custom_all_reduce import ON_ERROR, SUPPORTED_WORLD_SIZES, Limits, agree_limits, p2p_cache_path
 from ._tensors import _torch_stream, stream_of
 from .api import Collective, Communicator, DeviceType, DType, ReduceOp, TensorView, communicators
@@ -89,11 +90,12 @@ class CustomAllReduceCommunicator(Communicator):
     def unavailable_reason(cls, coordinator, device) -> Optional[str]:
         if os.environ.get(DISABLE_VAR, "") not in ("", "0"):
             return f"disabled by {DISABLE_VAR}"
-        info = coordinator.info
-        if info.nnodes > 1 or info.local_world_size != info.world_size:
-            return "the launch spans nodes; CUDA IPC works only within one node"
-        if info.world_size not in SUPPORTED_WORLD_SIZES:
-            return f"world size {info.world_size} is not supported (supported: {SUPPORTED_WORLD_SIZES})"
+        if coordinator.nnodes > 1:
+            return (f"{coordinator.describe()} spans {coordinator.nnodes} nodes; CUDA IPC works only "
+                    "within one node")
+        if coordinator.world_size not in SUPPORTED_WORLD_SIZES:
+            return (f"world size {coordinator.world_size} is not supported (supported: "
+                    f"{SUPPORTED_WORLD_SIZES})")
         try:
             import cupy
         except ImportError as exc:
@@ -121,10 +123,11 @@ class CustomAllReduceCommunicator(Communicator):
             rt.deviceGetPCIBusId(self.device).encode())]
         # Check locally, then agree: a rank that raised here alone would leave
         # the others waiting in the next collective step.
-        reason = _peer_access_problem(self.rank, self.device, bus_ids)
+        reason = _peer_access_problem(self.rank, self.device, bus_ids, self.coordinator.ranks)
         problems = [r.decode() for r in self.coordinator.all_gather((reason or "").encode())]
         if any(problems):
-            raise CommunicatorError("; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p))
+            raise CommunicatorError("; ".join(f"rank {self.coordinator.ranks[r]}: {p}"
+                                              for r, p in enumerate(problems) if p))
 
         max_bytes, timeout, algorithm, max_blocks, on_error = self._options
         table = _custom_tables.lookup(self.world_size, _device_name(self.device))
@@ -143,7 +146,8 @@ class CustomAllReduceCommunicator(Communicator):
         agree_limits(self.coordinator, limits, algorithm)
         self.table = table
         self.algorithm = algorithm
-        self.ranks_per_gpu = max(bus_ids.count(b) for b in bus_ids)
+        # Every rank of the node on a shared GPU counts, members of other groups too.
+        self.ranks_per_gpu = max(max(bus_ids.count(b) for b in bus_ids), ranks_sharing_a_gpu())
         self._engine = CustomAllReduceEngine(self.coordinator, self.device, limits, timeout,
                                              ranks_per_gpu=self.ranks_per_gpu, on_error=on_error,
                                              **self._kernel_variant)
@@ -223,8 +227,11 @@ class CustomAllReduceCommunicator(Communicator):
             engine.close()
 
 
-def _peer_access_problem(rank: int, device: int, bus_ids: list[str]) -> Optional[str]:
-    """Why this rank cannot reach every peer's GPU, or None. Ranks on the same GPU reach each other."""
+def _peer_access_problem(rank: int, device: int, bus_ids: list[str], ranks) -> Optional[str]:
+    """Why this rank cannot reach every peer's GPU, or None. Ranks on the same GPU reach each other.
+
+    ``ranks`` maps a rank of the communicator to its global rank, for the message.
+    """
     import cupy
 
     rt = cupy.cuda.runtime
@@ -232,7 +239,7 @@ def _peer_access_problem(rank: int, device: int, bus_ids: list[str]) -> Optional
         if peer == rank or bus_id == bus_ids[rank]:
             continue
         if not rt.deviceCanAccessPeer(device, rt.deviceGetByPCIBusId(bus_id)):
-            return (f"the driver reports no peer access from {bus_ids[rank]} to rank {peer}'s "
+            return (f"the driver reports no peer access from {bus_ids[rank]} to rank {ranks[peer]}'s "
                     f"{bus_id} (PCIe without P2P?)")
     return None
 

@@ -103,7 +103,7 @@ class Dispatcher(Communicator):
     def _disable(self, name: str, reason: str, level: int) -> None:
         self.disabled[name] = reason
         if self.coordinator.is_master():
-            logger.log(level, "communicator %r disabled: %s", name, reason)
+            logger.log(level, "communicator %r disabled%s: %s", name, self._on_group, reason)
 
     # -- the eager fast path -----------------------------------------------------------
     def all_reduce(self, tensor: Any, op: "ReduceOp | str" = ReduceOp.SUM, *, out: Any = None) -> Any:
@@ -289,10 +289,10 @@ def _load(name: str) -> Any:
 
 
 def _gather_reasons(coordinator: Coordinator, local: dict) -> dict:
-    """Every rank's reasons, merged: name -> 'rank r: reason; ...' where any rank has one."""
+    """Every rank's reasons, merged: name -> 'rank r: reason; ...' (global ranks) where any rank has one."""
     import json
 
-    from .._text import format_ranks
+    from .._text import rank_list
 
     replies = [json.loads(r) for r in coordinator.all_gather(json.dumps(local).encode())]
     merged = {}
@@ -301,8 +301,7 @@ def _gather_reasons(coordinator: Coordinator, local: dict) -> dict:
         for rank, reply in enumerate(replies):
             reason = reply.get(name, "this rank does not know it (different plug-ins installed?)")
             if reason is not None:
-                groups.setdefault(reason, []).append(rank)
+                groups.setdefault(reason, []).append(coordinator.ranks[rank])
         if groups:
-            merged[name] = "; ".join(
-                f"rank{'s' if len(r) > 1 else ''} {format_ranks(r)}: {reason}" for reason, r in groups.items())
+            merged[name] = "; ".join(f"{rank_list(r)}: {reason}" for reason, r in groups.items())
     return merged

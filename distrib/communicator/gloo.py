@@ -46,6 +46,7 @@ class GlooCommunicator(Communicator):
                              else getattr(coordinator, "timeout", DEFAULT_TIMEOUT))
         self._pg = None
         self._broken: Optional[str] = None
+        self._abandoned: list = []  # point-to-point work that timed out
         self._native_reduce_scatter = True
         self._staging_device = _cuda_index(device)
         self.stages_cuda = self._staging_device is not None  # takes CUDA tensors through host memory
@@ -140,6 +141,27 @@ class GlooCommunicator(Communicator):
         options = _options("BroadcastOptions", self.timeout, rootRank=src)
         self._wait("broadcast", lambda: self._pg.broadcast([view.tensor], options))
 
+    def _send(self, view: TensorView, dst: int) -> None:
+        if view.device_type == "cuda":  # .cpu() waits for the caller's stream
+            return self._send(_as_host_view(view.tensor.cpu()), dst)
+        self._p2p("send", dst, view.tensor)
+
+    def _recv(self, view: TensorView, src: int) -> None:
+        if view.device_type == "cuda":
+            host = view.tensor.new_empty(view.tensor.shape, device="cpu")
+            self._p2p("recv", src, host)
+            view.tensor.copy_(host)
+            return
+        self._p2p("recv", src, view.tensor)
+
+    def _p2p(self, what: str, peer: int, tensor) -> None:
+        work = (self._pg.send if what == "send" else self._pg.recv)([tensor.view(-1)], peer, 0)
+        try:
+            work.wait(datetime.timedelta(seconds=self.timeout))
+        except Exception as exc:  # noqa: BLE001 — every gloo failure becomes ours
+            self._abandoned.append((work, tensor))  # gloo may still write into it: keep it alive
+            self._fail(what, exc, peer)
+
     def _close(self) -> None:
         self._pg = None  # gloo closes its sockets when the last reference goes
 
@@ -150,16 +172,31 @@ class GlooCommunicator(Communicator):
         except Exception as exc:  # noqa: BLE001 — every gloo failure becomes ours
             self._fail(what, exc)
 
-    def _fail(self, what: str, exc: BaseException):
+    def _fail(self, what: str, exc: BaseException, peer: Optional[int] = None):
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         self._broken = f"{what} failed: {text}"
-        if "timeout" in text.lower() or "timed out" in text.lower():
+        where = f"on rank {self.global_rank}{self._on_group}"
+        if peer is not None:
+            other = self.coordinator.ranks[peer]
+            what = f"{what} {'to' if what == 'send' else 'from'} rank {other}"
+            if "timeout" in text.lower() or "timed out" in text.lower():
+                raise DistribTimeoutError(
+                    f"gloo {what} timed out after {self.timeout:g}s {where}: rank {other} never made the "
+                    f"matching {'recv' if what.startswith('send') else 'send'} (hung, dead, or busy "
+                    "elsewhere)", missing=[other]) from exc
+        elif "timeout" in text.lower() or "timed out" in text.lower():
             raise DistribTimeoutError(
-                f"gloo {what} timed out after {self.timeout:g}s on rank {self.rank}: a peer did not "
+                f"gloo {what} timed out after {self.timeout:g}s {where}: a peer did not "
                 "call it with a matching tensor, or has died") from exc
         raise CommunicatorError(
-            f"gloo {what} failed on rank {self.rank}: {text}. A peer process probably exited or "
+            f"gloo {what} failed {where}: {text}. A peer process probably exited or "
             "passed a different tensor; check its output.") from exc
+
+
+def _as_host_view(tensor) -> TensorView:
+    from ._tensors import as_view
+
+    return as_view(tensor)
 
 
 def _cuda_index(device) -> Optional[int]:

@@ -105,7 +105,7 @@ class NcclCommunicator(Communicator):
         shared = sorted({b.decode() for b in bus_ids if bus_ids.count(b) > 1})
         if shared:
             raise CommunicatorError(f"{ONE_RANK_PER_GPU}; GPU {', '.join(shared)} has several ranks "
-                                    "of this launch")
+                                    f"of {self.coordinator.describe()}")
         self.nccl_version = nccl.get_version()
         if self.nccl_version < _FIRST_WITH_BF16_AND_AVG:
             self.dtypes = self.dtypes - {DType.BFLOAT16}
@@ -163,6 +163,18 @@ class NcclCommunicator(Communicator):
         except self._nccl_error as exc:
             self._fail("broadcast", exc)
 
+    def _send(self, view: TensorView, dst: int) -> None:
+        try:
+            self._comm.send(view.ptr, view.numel, ncclDataType_t[view.dtype], dst, stream_of(view))
+        except self._nccl_error as exc:
+            self._fail(f"send to rank {self.coordinator.ranks[dst]}", exc)
+
+    def _recv(self, view: TensorView, src: int) -> None:
+        try:
+            self._comm.recv(view.ptr, view.numel, ncclDataType_t[view.dtype], src, stream_of(view))
+        except self._nccl_error as exc:
+            self._fail(f"recv from rank {self.coordinator.ranks[src]}", exc)
+
     def check_async_error(self) -> None:
         """Raise :class:`CommunicatorError` if NCCL reported an asynchronous error
         (a peer failed, a network error). Cheap; does not wait for the GPU."""
@@ -186,4 +198,4 @@ class NcclCommunicator(Communicator):
     def _fail(self, what: str, exc: BaseException):
         self._broken = f"{what} failed: {exc}"
         raise CommunicatorError(
-            f"NCCL {what} failed on rank {self.rank} (cuda:{self.device}): {exc}") from exc
+            f"NCCL {what} failed on rank {self.global_rank}{self._on_group} (cuda:{self.device}): {exc}") from exc

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 from ..errors import ConfigError
 
 __all__ = ["visible_gpu_count", "usable_cpu_count", "auto_nprocs", "parse_devices", "assign_devices",
-           "shares_gpus"]
+           "shares_gpus", "most_ranks_on_a_gpu"]
 
 
 def visible_gpu_count() -> int:
@@ -75,6 +75,12 @@ def shares_gpus(device_of: Sequence[Optional[int]]) -> bool:
     """Whether two ranks of ``device_of`` have the same GPU."""
     gpus = [d for d in device_of if d is not None]
     return len(set(gpus)) != len(gpus)
+
+
+def most_ranks_on_a_gpu(device_of: Sequence[Optional[int]]) -> int:
+    """The most ranks of ``device_of`` on one GPU (0 without GPUs)."""
+    gpus = [d for d in device_of if d is not None]
+    return max((gpus.count(d) for d in set(gpus)), default=0)
 
 
 def assign_devices(devices: Optional[Sequence[int]], nprocs: int, *, share_gpu: bool = False,

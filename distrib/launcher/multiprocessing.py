@@ -38,7 +38,7 @@ from .._text import format_ranks
 from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailedError, WorkerFailure
 from ..info import SHARE_GPU_VAR, LaunchInfo
 from .api import Launcher, launchers
-from ._devices import assign_devices, shares_gpus
+from ._devices import assign_devices, most_ranks_on_a_gpu, shares_gpus
 from ._guardian import Guardian
 from ._hangwatch import HangWatch
 from ._process import (die_with_parent, record_stop_signals, restore_signals, signal_name,
@@ -115,7 +115,8 @@ class MultiprocessingLauncher(Launcher):
                 from ._mps import start_mps
 
                 mps = start_mps(scratch, _note)
-                shared_env = {SHARE_GPU_VAR: "1", **(mps.env if mps else {})}
+                shared_env = {SHARE_GPU_VAR: str(most_ranks_on_a_gpu(device_of)),
+                              **(mps.env if mps else {})}
             for rank in range(nprocs):
                 if signals:
                     break

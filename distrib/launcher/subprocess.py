@@ -33,7 +33,7 @@ from ..errors import (ConfigError, CoordinatorError, DistribError, DistribTimeou
                       LaunchError, WorkerFailedError, WorkerFailure)
 from ..info import SHARE_GPU_VAR, LaunchInfo
 from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR
-from ._devices import assign_devices, auto_nprocs, shares_gpus
+from ._devices import assign_devices, auto_nprocs, most_ranks_on_a_gpu, shares_gpus
 from ._guardian import Guardian
 from ._hangwatch import HangWatch
 from ._output import OutputRelay
@@ -151,7 +151,8 @@ class _Launch:
                 from ._mps import start_mps
 
                 self.mps = start_mps(scratch, relay.note)
-                self.shared_env = {SHARE_GPU_VAR: "1", **(self.mps.env if self.mps else {})}
+                self.shared_env = {SHARE_GPU_VAR: str(most_ranks_on_a_gpu(self.device_of)),
+                                   **(self.mps.env if self.mps else {})}
             guardian = Guardian.start()
             guardian.remove_later(scratch)
             for local_rank in range(self.nprocs):

@@ -46,11 +46,11 @@ def test_communicator_is_abstract():
     with pytest.raises(TypeError):
         Communicator(SimpleNamespace(rank=0, world_size=1))  # type: ignore[abstract]
 
-    class OnlyAllGather(Communicator):  # misses _all_reduce, _make_token, _initialize, _close
+    class OnlyAllGather(Communicator):  # misses _make_token, _initialize, _close
         def _all_gather(self, src, dst):
             pass
 
-    with pytest.raises(TypeError, match="_all_reduce"):
+    with pytest.raises(TypeError, match="_close.*_initialize.*_make_token"):
         OnlyAllGather(SimpleNamespace(rank=0, world_size=1))  # type: ignore[abstract]
 
 
@@ -61,10 +61,19 @@ def test_supported_collectives_follow_the_implemented_hooks():
         def _all_reduce(self, src, dst, op): pass
         def _close(self): pass
 
+    class SendRecvOnly(Communicator):
+        def _make_token(self): return b""
+        def _initialize(self, token): pass
+        def _send(self, view, dst): pass
+        def _recv(self, view, src): pass
+        def _close(self): pass
+
     only = AllReduceOnly.__new__(AllReduceOnly)
     assert only.supports(Collective.ALL_REDUCE)
     assert not any(only.supports(c) for c in (Collective.ALL_GATHER, Collective.REDUCE_SCATTER,
-                                              Collective.BROADCAST))
+                                              Collective.BROADCAST, Collective.SEND, Collective.RECV))
+    p2p = SendRecvOnly.__new__(SendRecvOnly)
+    assert [c for c in Collective if p2p.supports(c)] == [Collective.SEND, Collective.RECV]
     gloo = GlooCommunicator.__new__(GlooCommunicator)
     assert all(gloo.supports(c) for c in Collective)
 
