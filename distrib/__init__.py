@@ -5,6 +5,8 @@ Three layers, each behind one small interface:
 - :mod:`distrib.launcher`    starts the processes (``distrib.launch``, ``distrib-run``)
 - :mod:`distrib.coordinator` small control messages: barrier, broadcast, all_gather
 - :mod:`distrib.communicator` tensor data between devices: all_reduce and friends
+
+and :mod:`distrib.parallel`, which arranges a launch's ranks in TP, PP and DP groups.
 """
 from .errors import (
     CommunicatorError,
@@ -17,6 +19,7 @@ from .errors import (
     WorkerFailure,
 )
 from .info import LaunchInfo
+from . import parallel
 from .launcher import launch
 from .runtime import Context, get_context, init, is_initialized, shutdown
 
@@ -37,5 +40,6 @@ __all__ = [
     "init",
     "is_initialized",
     "launch",
+    "parallel",
     "shutdown",
 ]

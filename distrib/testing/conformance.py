@@ -122,8 +122,8 @@ class _Suite:
 
     def run(self, graph: bool) -> ConformanceReport:
         checks = [self.check_all_reduce, self.check_all_reduce_out, self.check_all_gather,
-                  self.check_reduce_scatter, self.check_broadcast, self.check_can_all_reduce,
-                  self.check_bad_inputs, self.check_debug_mode]
+                  self.check_reduce_scatter, self.check_broadcast, self.check_send_recv,
+                  self.check_can_all_reduce, self.check_bad_inputs, self.check_debug_mode]
         if graph:
             checks += [self.check_cuda_graph, self.check_caller_stream]
         checks.append(self.check_close)
@@ -271,6 +271,49 @@ class _Suite:
                     want = pattern(ReduceOp.SUM, src, self.ws, shape_numel(shape), dtype)
                     self.compare(x, want, dtype, shape, f"broadcast from {src} of {dtype}{list(shape)}")
 
+    def check_send_recv(self):
+        comm = self.comm
+        if not (comm.supports(Collective.SEND) and comm.supports(Collective.RECV)):
+            return f"send/recv is not supported by {comm.name}"
+        if self.ws == 1:
+            return "send/recv needs at least 2 ranks"
+        after, before = (self.rank + 1) % self.ws, (self.rank - 1) % self.ws
+        for dtype in self.dtypes:
+            for shape in self.shapes:
+                x = self.make(ReduceOp.SUM, self.rank, shape, dtype)
+                got = self.lib.empty(shape, dtype)
+                self._ring(lambda: comm.send(x, after), lambda: self.expect(
+                    comm.recv(got, before) is got, "recv did not return its tensor"))
+                want = pattern(ReduceOp.SUM, before, self.ws, shape_numel(shape), dtype)
+                self.compare(got, want, dtype, shape, f"send/recv of {dtype}{list(shape)} from rank {before}")
+        x = self.make(ReduceOp.SUM, self.rank, (4,), self.dtypes[0])
+        self.raises(CommunicatorError, ["itself"], "a send to this rank", comm.send, x, self.rank)
+        self.raises(CommunicatorError, ["not a rank"], "a recv from a rank out of range", comm.recv, x, self.ws)
+        self.raises(CommunicatorError, ["contiguous"], "a non-contiguous send", comm.send,
+                    self.lib.non_contiguous(self.dtypes[0]), after)
+        if self.lib.name != "torch":
+            return None
+        tensors = {"a": self.lib.to_torch(self.make(ReduceOp.SUM, self.rank, (3, 5), self.dtypes[0])),
+                   "strided": self.lib.to_torch(self.make(ReduceOp.SUM, self.rank, (4, 2), self.dtypes[-1])).t(),
+                   "step": self.rank, "names": ["x", "y"]}
+        got: dict = {}
+        self._ring(lambda: comm.send_tensor_dict(tensors, after),
+                   lambda: got.update(comm.recv_tensor_dict(before)))
+        self.expect(list(got) == list(tensors) and got["step"] == before and got["names"] == ["x", "y"],
+                    f"recv_tensor_dict gave keys {list(got)} and values {got.get('step')!r}, {got.get('names')!r}")
+        for key in ("a", "strided"):
+            want = self.lib.to_torch(self.make(ReduceOp.SUM, before, (3, 5) if key == "a" else (4, 2),
+                                                self.dtypes[0] if key == "a" else self.dtypes[-1]))
+            want = want if key == "a" else want.t()
+            self.expect(torch.equal(got[key].cpu(), want.cpu()) and got[key].device == want.device,
+                        f"recv_tensor_dict[{key!r}] differs from what rank {before} sent")
+
+    def _ring(self, send: Callable[[], Any], recv: Callable[[], Any]) -> None:
+        """Send to the next rank and receive from the previous one: even ranks send first."""
+        first, second = (send, recv) if self.rank % 2 == 0 else (recv, send)
+        first()
+        second()
+
     def check_can_all_reduce(self):
         good = self.make(ReduceOp.SUM, self.rank, (16,), self.dtypes[0])
         self.expect(self.comm.can_all_reduce(good) is None, f"rejects a good tensor: {self.comm.can_all_reduce(good)}")
@@ -332,10 +375,12 @@ class _Suite:
         if self.ws == 1:
             return "mismatches across ranks need at least 2 ranks"
         dtype = self.dtypes[0]
+        # Messages name global ranks (the same as these outside groups).
+        first, second = (f"rank {r}" for r in getattr(self.coordinator, "ranks", range(self.ws))[:2])
         with self.factory(self.coordinator, self.device, debug=True) as debug:
             self.expect(debug.debug, "debug=True did not turn debug mode on")
             mine = self.make(ReduceOp.SUM, self.rank, (8 * (1 + self.rank),), dtype)
-            self.raises(CommunicatorError, ["differ", "rank 0", "rank 1"], "sizes that differ across ranks",
+            self.raises(CommunicatorError, ["differ", first, second], "sizes that differ across ranks",
                         debug.all_reduce, mine)
             if len(self.dtypes) > 1:
                 mine = self.make(ReduceOp.SUM, self.rank, (8,), self.dtypes[self.rank % 2])
@@ -348,11 +393,17 @@ class _Suite:
                 self.raises(CommunicatorError, ["contiguous"], "a bad input on rank 0", debug.all_reduce,
                             self.lib.non_contiguous(dtype))
             else:
-                self.raises(CommunicatorError, ["rank 0", "rejected"], "a bad input on rank 0 (seen from a peer)",
+                self.raises(CommunicatorError, [first, "rejected"], "a bad input on rank 0 (seen from a peer)",
                             debug.all_reduce, self.make(ReduceOp.SUM, self.rank, (6, 4), dtype))
             x = self.make(ReduceOp.SUM, self.rank, (8,), dtype)
             debug.all_reduce(x)
             self.compare_reduced(x, ReduceOp.SUM, dtype, (8,), "a matching all_reduce in debug mode")
+            if debug.supports(Collective.SEND) and self.rank < 2:
+                peer = 1 - self.rank
+                call = debug.send if self.rank == 0 else debug.recv
+                self.raises(CommunicatorError, ["does not match", first, second],
+                            "a send and a recv of different sizes", call,
+                            self.lib.empty((4 + self.rank,), dtype), peer)
         previous = os.environ.get("DISTRIB_DEBUG")
         os.environ["DISTRIB_DEBUG"] = "1"
         try:
