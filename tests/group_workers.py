@@ -203,7 +203,7 @@ def pipeline_send_recv():
 
 def stage_never_sends(timeout):
     """PP=2 on 2 ranks: stage 1 waits for a tensor stage 0 never sends."""
-    ctx = distrib.init()
+    distrib.init()
     layout = distrib.parallel.layout(tp=1, pp=2)
     pp = communicator.create(layout.pp, options={"gloo": {"timeout": timeout}})
     if layout.is_first_stage:

@@ -29,7 +29,7 @@ __all__ = ["Collective", "Communicator", "DType", "DeviceType", "Dispatcher", "R
 # raised inside a module that does exist is not mistaken for its absence). A
 # module that exists but fails to import must not take gloo and NCCL down with
 # it: the failure is logged, and the dispatcher lists it as disabled.
-_BUILTIN_MODULES = ("gloo", "nccl", "custom")
+_BUILTIN_MODULES = ("gloo", "nccl", "custom", "ipc")
 for _name in _BUILTIN_MODULES:
     if util.find_spec(f"{__name__}.{_name}") is None:
         continue

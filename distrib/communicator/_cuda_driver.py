@@ -1,4 +1,4 @@
-"""The few CUDA driver calls the custom all-reduce makes through ctypes.
+"""The few CUDA driver calls the custom all-reduce and the IPC send/recv make through ctypes.
 
 CuPy covers the runtime API; these are the driver entry points it does not
 expose cheaply: a kernel launch with a prebuilt argument block, occupancy,
@@ -11,7 +11,7 @@ import ctypes
 
 from ..errors import CommunicatorError
 
-__all__ = ["KernelLauncher", "allocation_of", "max_resident_blocks"]
+__all__ = ["KernelLauncher", "SendRecvLauncher", "allocation_of", "max_resident_blocks"]
 
 _libcuda = None
 
@@ -44,25 +44,36 @@ def _cu_error(status: int) -> str:
     return f"CUresult {status} ({(text.value or b'?').decode()})"
 
 
-class KernelLauncher:
+class _Launcher:
     """cuLaunchKernel through ctypes, with the argument block built once.
 
     CuPy's generic launch path converts every argument on every call (about
-    14 µs per launch measured on H200 hosts); an eager all-reduce that should
-    cost little more than the kernel cannot afford that. The six kernel
-    arguments ``(ctx, data, in, out, packs, call)`` live in fixed ctypes
-    cells; a launch updates them and makes one foreign call. Kernels are
-    enqueued on the caller's stream.
+    14 µs per launch measured on H200 hosts); an eager call that should cost
+    little more than its kernel cannot afford that. A kernel's arguments live
+    in fixed ctypes cells; a launch (a subclass's ``__call__``, one per kernel
+    signature) updates them and makes one foreign call. Kernels are enqueued
+    on the caller's stream.
     """
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, cells: tuple, what: str):
         self._cuda = _driver()
         self._threads = threads
+        self._what = what
+        self._params = (ctypes.c_void_p * len(cells))(*[ctypes.addressof(c) for c in cells])
+
+    def _failed(self, status: int) -> CommunicatorError:
+        return CommunicatorError(f"launching the {self._what} kernel failed: {_cu_error(status)}")
+
+
+class KernelLauncher(_Launcher):
+    """The custom all-reduce kernels' launch: ``(ctx, data, in, out, packs, call)``."""
+
+    def __init__(self, threads: int):
         self._ctx, self._data, self._inp, self._out = (ctypes.c_uint64() for _ in range(4))
         self._packs = ctypes.c_int32()
         self._call = ctypes.c_uint32()
-        cells = (self._ctx, self._data, self._inp, self._out, self._packs, self._call)
-        self._params = (ctypes.c_void_p * len(cells))(*[ctypes.addressof(c) for c in cells])
+        super().__init__(threads, (self._ctx, self._data, self._inp, self._out, self._packs, self._call),
+                         "custom all-reduce")
 
     def __call__(self, function: int, blocks: int, ctx: int, data: int, inp: int, out: int,
                  packs: int, call: int, stream: int) -> None:
@@ -72,7 +83,27 @@ class KernelLauncher:
         status = self._cuda.cuLaunchKernel(function, blocks, 1, 1, self._threads, 1, 1, 0, stream,
                                            self._params, None)
         if status:
-            raise CommunicatorError(f"launching the custom all-reduce kernel failed: {_cu_error(status)}")
+            raise self._failed(status)
+
+
+class SendRecvLauncher(_Launcher):
+    """The IPC send/recv kernels' launch: ``(ctx, peer, ptr, nbytes, dtype, call)``."""
+
+    def __init__(self, threads: int):
+        self._ctx, self._ptr, self._nbytes = (ctypes.c_uint64() for _ in range(3))
+        self._peer = ctypes.c_int32()
+        self._dtype, self._call = ctypes.c_uint32(), ctypes.c_uint32()
+        super().__init__(threads, (self._ctx, self._peer, self._ptr, self._nbytes, self._dtype, self._call),
+                         "IPC send/recv")
+
+    def __call__(self, function: int, blocks: int, ctx: int, peer: int, ptr: int, nbytes: int, dtype: int,
+                 call: int, stream: int) -> None:
+        self._ctx.value, self._peer.value, self._ptr.value, self._nbytes.value = ctx, peer, ptr, nbytes
+        self._dtype.value, self._call.value = dtype, call
+        status = self._cuda.cuLaunchKernel(function, blocks, 1, 1, self._threads, 1, 1, 0, stream,
+                                           self._params, None)
+        if status:
+            raise self._failed(status)
 
 
 def max_resident_blocks(function: int, threads: int, multiprocessors: int) -> int:

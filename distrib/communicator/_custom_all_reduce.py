@@ -12,16 +12,15 @@ import ctypes
 import hashlib
 import json
 import logging
-import os
 import struct
-import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import CommunicatorError
 from ._cuda_driver import KernelLauncher, allocation_of, max_resident_blocks
+from ._ipc import (ERROR_RECORD_WORDS, IpcHandles, StreamOrder, Watchdog, copy_to_device,  # noqa: F401
+                   is_capturing, keep_until_exit, kernel_source_dir, mapped_error_record)
 
 logger = logging.getLogger("distrib.communicator.custom")
 
@@ -35,7 +34,6 @@ THREADS = 512
 PACK_BYTES = 16
 SIGNAL_BYTES = 8192  # sizeof(Signal) = 4804, rounded up so staging starts aligned
 CONTEXT_FORMAT = "<Q8Q8QQQii8Q"  # struct Context in the .cuh, field by field
-ERROR_RECORD_WORDS = 8  # struct ErrorRecord, u32 words
 LAMPORT_BLOCKS = 8  # DISTRIB_LAMPORT_BLOCKS in the .cuh
 LAMPORT_COPIES = 3
 LAMPORT_CLASSES = 2  # float32 sentinels, 16-bit sentinels
@@ -43,7 +41,6 @@ RANK_DATA_BYTES = 8 * MAX_RANKS
 GRAPH_SLOTS = 16384  # registered inputs across all captures of one communicator
 KERNEL_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 ON_ERROR = ("abort", "raise")
-WATCHDOG_INTERVAL = 0.05  # seconds between the watchdog's looks at the error record
 
 # Offsets in struct Signal (checked against the header by the layout test).
 _ARRIVE_OFFSET = 0
@@ -56,9 +53,6 @@ _POISON_OFFSET = _LAMPORT_COPY_OFFSET + 4 * LAMPORT_BLOCKS
 # enum ErrorKind in the .cuh
 _TIMEOUT, _POISONED, _UNREGISTERED = 1, 2, 3
 
-# cudaHostAllocMapped, cudaIpcMemLazyEnablePeerAccess
-_HOST_ALLOC_MAPPED = 2
-_IPC_LAZY_PEER_ACCESS = 1
 _CALL_IDS = 1 << 32
 _RECENT_CALLS = 4096  # eager calls remembered for error messages
 
@@ -90,17 +84,6 @@ class Limits:
         return cls(max_bytes=_round_up(max_bytes, PACK_BYTES),
                    lamport_max_bytes=_round_up(min(lamport_max_bytes, max_bytes), PACK_BYTES),
                    one_shot_max_bytes=one_shot_max_bytes, max_blocks=max(1, min(max_blocks, MAX_BLOCKS)))
-
-
-def kernel_source_dir() -> Path:
-    """The folder that holds custom_all_reduce.cuh (the repo's kernels/, or installed data)."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "kernels", here.parents[1] / "kernels"):
-        if (candidate / "custom_all_reduce.cuh").exists():
-            return candidate
-    raise CommunicatorError(
-        "kernels/custom_all_reduce.cuh was not found next to the distrib package; reinstall "
-        "distrib from a full source tree")
 
 
 def kernel_digest() -> str:
@@ -147,15 +130,14 @@ class CustomAllReduceEngine:
         self._launcher = KernelLauncher(THREADS)
         self._coordinator = coordinator
         self._closed = False
-        self._opened: dict[bytes, int] = {}  # peer IPC handle -> opened base pointer
+        self._handles = IpcHandles()  # peers' opened buffers
         self._pending: list[tuple[int, int]] = []  # (slot, input pointer) captured, not yet registered
         self._next_slot = 1  # slot 0 holds the staging buffers
         self._registering = 0
         self._call = 0
         self._recent: list = [None] * _RECENT_CALLS  # eager call id % _RECENT_CALLS -> description
         self._captured: dict[int, tuple] = {}  # captured call id -> description
-        self._last_stream: Optional[int] = None
-        self._switch_event = None
+        self._order = StreamOrder(device)  # one communicator's kernels never overlap
 
         rt = cupy.cuda.runtime
         with cupy.cuda.Device(device):
@@ -179,12 +161,8 @@ class CustomAllReduceEngine:
             self._base = rt.malloc(lamport_offset + lamport_bytes)
             rt.memset(self._base, 0, SIGNAL_BYTES)
             _fill_sentinels(self._base + lamport_offset, lamport_bytes)
-            self._error_host = rt.hostAlloc(4 * ERROR_RECORD_WORDS, _HOST_ALLOC_MAPPED)
-            ctypes.memset(self._error_host, 0, 4 * ERROR_RECORD_WORDS)
-            self._error = (ctypes.c_uint32 * ERROR_RECORD_WORDS).from_address(self._error_host)
-            # Mapped pinned memory: with unified addressing the host address
-            # is also the device address.
-            error_dev = self._error_host
+            self._error_host, self.error = mapped_error_record()
+            error_dev = self._error_host  # mapped: the same address on the device
             rt.deviceSynchronize()
 
             # One exchange: every rank's IPC handle and what its GPU holds.
@@ -200,7 +178,7 @@ class CustomAllReduceEngine:
                         f"{LAMPORT_BLOCKS} blocks per rank at once. Put fewer ranks on each GPU.")
             self.limits = Limits.of(limits.max_bytes, limits.lamport_max_bytes,
                                     limits.one_shot_max_bytes, min(limits.max_blocks, fits))
-            bases = [self._base if peer == self.rank else self._open(bytes.fromhex(r[0]))
+            bases = [self._base if peer == self.rank else self._handles.open(bytes.fromhex(r[0]))
                      for peer, r in enumerate(replies)]
             self._bases = bases
             staging = [b + SIGNAL_BYTES for b in bases]
@@ -212,27 +190,22 @@ class CustomAllReduceEngine:
                                   error_dev, int(timeout_s * 1e9), self.rank,
                                   slot_bytes // PACK_BYTES, *(lamport + pad))
             self._context = rt.malloc(len(context))
-            _copy_to_device(self._context, context)
+            copy_to_device(self._context, context)
             # Zeroed: a slot whose inputs are not registered yet is refused by the kernel.
             self._rank_data = rt.malloc(GRAPH_SLOTS * RANK_DATA_BYTES)
             rt.memset(self._rank_data, 0, GRAPH_SLOTS * RANK_DATA_BYTES)
             self._write_slot(0, staging)
             rt.deviceSynchronize()
-        self._watchdog = _Watchdog(self) if fail_stop else None
+        self._watchdog = Watchdog(self, "custom all-reduce") if fail_stop else None
 
     def _resident_blocks(self, sms: int) -> int:
         """Blocks of the least-occupying kernel that the whole GPU holds at once."""
         return min(max_resident_blocks(function, THREADS, sms) for function in self._kernels.values())
 
     # -- set-up helpers ----------------------------------------------------------
-    def _open(self, handle: bytes) -> int:
-        if handle not in self._opened:
-            self._opened[handle] = self._cupy.cuda.runtime.ipcOpenMemHandle(handle, _IPC_LAZY_PEER_ACCESS)
-        return self._opened[handle]
-
     def _write_slot(self, slot: int, pointers: list[int]) -> None:
         data = struct.pack(f"<{MAX_RANKS}Q", *(pointers + [0] * (MAX_RANKS - len(pointers))))
-        _copy_to_device(self._rank_data + slot * RANK_DATA_BYTES, data)
+        copy_to_device(self._rank_data + slot * RANK_DATA_BYTES, data)
 
     def check_p2p(self) -> Optional[str]:
         """Write through every opened peer mapping and have the owner read it back.
@@ -277,10 +250,9 @@ class CustomAllReduceEngine:
         peers will read ``inp`` itself once :meth:`register_graph_buffers` has
         run. Every other call stages ``inp`` into this rank's buffer first.
         """
-        if self._error[0]:
+        if self.error[0]:
             raise self.failure()
-        if stream != self._last_stream:
-            self._follow(stream)
+        self._order.follow(stream)
         alg = algorithm or self.algorithm(nbytes)
         packs = nbytes // PACK_BYTES
         call = self._call
@@ -296,7 +268,7 @@ class CustomAllReduceEngine:
             return alg
         per_block = packs if alg == Algorithm.ONE_SHOT else -(-packs // self.world_size)
         blocks = max(1, min(self.limits.max_blocks, -(-per_block // THREADS)))
-        if self._registering and inp != out and _is_capturing(stream):
+        if self._registering and inp != out and is_capturing(stream):
             slot = self._next_slot
             if slot >= GRAPH_SLOTS:
                 raise CommunicatorError(
@@ -312,27 +284,6 @@ class CustomAllReduceEngine:
         self._launcher(self._kernels[(alg, dtype)], blocks, self._context, data, source, out,
                        packs, call, stream)
         return alg
-
-    def _follow(self, stream: int) -> None:
-        """Order the next launch on ``stream`` after every launch on the previous stream.
-
-        The kernels of one communicator share counters and one staging buffer,
-        so two of them must never overlap. On the same stream, stream order
-        sees to it; on a switch, the new stream waits for an event recorded
-        on the old one now (which covers its last kernel). Inside a graph
-        capture the capture's own ordering applies and nothing is recorded.
-        """
-        rt = self._cupy.cuda.runtime
-        if _is_capturing(stream):
-            self._last_stream = None
-            return
-        if self._last_stream is not None:
-            if self._switch_event is None:
-                with self._cupy.cuda.Device(self.device):
-                    self._switch_event = rt.eventCreateWithFlags(rt.eventDisableTiming)
-            rt.eventRecord(self._switch_event, self._last_stream)
-            rt.streamWaitEvent(stream, self._switch_event, 0)
-        self._last_stream = stream
 
     def register_graph_buffers(self) -> int:
         """Exchange the IPC addresses of every input captured since the last call.
@@ -370,7 +321,7 @@ class CustomAllReduceEngine:
                 "there are unusable (a replay stops the communicator): " + "; ".join(problems))
         with self._cupy.cuda.Device(self.device):
             for i, (slot, ptr) in enumerate(pending):
-                pointers = [ptr if peer == self.rank else self._open(bytes(table[i][1])) + table[i][2]
+                pointers = [ptr if peer == self.rank else self._handles.open(bytes(table[i][1])) + table[i][2]
                             for peer, table in enumerate(tables)]
                 self._write_slot(slot, pointers)
             rt.deviceSynchronize()
@@ -387,7 +338,7 @@ class CustomAllReduceEngine:
     # -- failures -------------------------------------------------------------------
     def check(self) -> None:
         """Raise if a kernel of this communicator gave up (on this rank or, poisoned, on a peer)."""
-        if self._error[0]:
+        if self.error[0]:
             raise self.failure()
 
     def failure(self) -> CommunicatorError:
@@ -395,7 +346,7 @@ class CustomAllReduceEngine:
         return CommunicatorError(self.describe_failure())
 
     def describe_failure(self) -> str:
-        who, block, call, kind = self._error[0] - 1, self._error[1], self._error[2], self._error[3]
+        who, block, call, kind = self.error[0] - 1, self.error[1], self.error[2], self.error[3]
         what = self._call_text(call)
         name = self._name
         if kind == _TIMEOUT:
@@ -444,9 +395,9 @@ class CustomAllReduceEngine:
         epochs = struct.pack(f"<{MAX_BLOCKS}I", *([epoch % _CALL_IDS] * MAX_BLOCKS))
         calls = struct.pack(f"<{LAMPORT_BLOCKS}I", *([lamport_calls % _CALL_IDS] * LAMPORT_BLOCKS))
         with self._cupy.cuda.Device(self.device):
-            _copy_to_device(self._base + _ARRIVE_OFFSET, arrive)
-            _copy_to_device(self._base + _EPOCH_OFFSET, epochs)
-            _copy_to_device(self._base + _LAMPORT_CALLS_OFFSET, calls)
+            copy_to_device(self._base + _ARRIVE_OFFSET, arrive)
+            copy_to_device(self._base + _EPOCH_OFFSET, epochs)
+            copy_to_device(self._base + _LAMPORT_CALLS_OFFSET, calls)
             rt.deviceSynchronize()
         self._coordinator.barrier()
 
@@ -472,68 +423,14 @@ class CustomAllReduceEngine:
         try:
             with self._cupy.cuda.Device(self.device):
                 rt.deviceSynchronize()
-                for ptr in self._opened.values():
-                    rt.ipcCloseMemHandle(ptr)
+                self._handles.close()
                 for ptr in (self._rank_data, self._context):
                     rt.free(ptr)
-                if self._switch_event is not None:
-                    rt.eventDestroy(self._switch_event)
-                # Peers may still have our exported buffer open (closing is not
-                # collective), and freeing exported memory before every importer
-                # closed its handle is undefined behaviour (cudaIpcOpenMemHandle's
-                # contract). So it lives until the process ends, when the driver
-                # reclaims it with the context: one buffer per closed communicator.
-                # The error record stays too: a graph replayed later still writes it.
-                _kept_until_exit.extend((self._base, self._error_host))
+                self._order.close()
+                # Our exported buffer and the error record: one of each per closed communicator.
+                keep_until_exit(self._base, self._error_host)
         except Exception as exc:  # closing must not raise from a broken context
             logger.warning("custom all-reduce: error while freeing buffers: %s", exc)
-        self._opened.clear()
-
-
-_kept_until_exit: list[int] = []  # buffers of closed engines that peers or graphs may still use
-
-
-class _Watchdog:
-    """Reads the host-mapped error record every ``WATCHDOG_INTERVAL`` seconds.
-
-    Graph replays never return to Python, so nothing else would notice a
-    kernel that gave up. On ``on_error="abort"`` it ends the process through
-    :func:`distrib._fatal.stop_process` (the launcher's hang report shows
-    every rank's stack, and the launcher names this rank's message as the
-    cause); on ``"raise"`` it logs the failure once and later calls raise.
-    """
-
-    def __init__(self, engine: CustomAllReduceEngine):
-        self._engine = engine
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"distrib-custom-watchdog-{engine.rank}",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        error = self._engine._error
-        while not self._stop.wait(WATCHDOG_INTERVAL):
-            if error[0]:
-                self._fire()
-                return
-
-    def _fire(self) -> None:
-        engine = self._engine
-        message = engine.describe_failure()
-        if engine.on_error == "raise":
-            logger.error("%s", message)
-            return
-        from .. import _fatal
-
-        _fatal.stop_process("distrib.errors.CommunicatorError",
-                            f"{message} Stopping this process (create the communicator with "
-                            "on_error='raise' to handle this yourself).",
-                            report="custom all-reduce")
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=1.0)
 
 
 def _compile(world_size: int, defines: tuple[str, ...] = ()):
@@ -553,12 +450,6 @@ def _compile(world_size: int, defines: tuple[str, ...] = ()):
     return module
 
 
-def _is_capturing(stream: int) -> bool:
-    import cupy
-
-    return cupy.cuda.runtime.streamIsCapturing(stream) != 0
-
-
 def _fill_sentinels(ptr: int, nbytes: int) -> None:
     """Pre-fill the Lamport region: copy c, class k -> the sentinel word of class k."""
     import cupy
@@ -572,15 +463,6 @@ def _fill_sentinels(ptr: int, nbytes: int) -> None:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def _copy_to_device(dst: int, data: bytes) -> None:
-    """Synchronous host-to-device copy of ``data`` (pageable source: safe to drop after)."""
-    import cupy
-
-    buf = ctypes.create_string_buffer(data, len(data))
-    rt = cupy.cuda.runtime
-    rt.memcpy(dst, ctypes.addressof(buf), len(data), rt.memcpyHostToDevice)
 
 
 def agree_limits(coordinator, limits: Limits, algorithm: Optional[str]) -> None:
@@ -606,9 +488,3 @@ def agree_limits(coordinator, limits: Limits, algorithm: Optional[str]) -> None:
             "ranks disagree on the custom all-reduce's settings (" + "; ".join(differ) + "); set "
             "DISTRIB_CUSTOM_MAX_BYTES, the communicator's options and the distrib version alike on "
             "every rank")
-
-
-def p2p_cache_path(bus_ids: list[str]) -> Path:
-    key = hashlib.sha256(json.dumps(sorted(bus_ids)).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("DISTRIB_CACHE_DIR", Path.home() / ".cache" / "distrib"))
-    return root / f"p2p-{key}.json"

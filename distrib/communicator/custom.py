@@ -30,16 +30,15 @@ kernels (see ``CustomAllReduceEngine``).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from ..errors import CommunicatorError
-from . import _custom_tables
 from ..info import ranks_sharing_a_gpu
-from ._custom_all_reduce import ON_ERROR, SUPPORTED_WORLD_SIZES, Limits, agree_limits, p2p_cache_path
+from . import _custom_tables, _ipc
+from ._custom_all_reduce import ON_ERROR, SUPPORTED_WORLD_SIZES, Limits, agree_limits
 from ._tensors import _torch_stream, stream_of
 from .api import Collective, Communicator, DeviceType, DType, ReduceOp, TensorView, communicators
 
@@ -114,20 +113,9 @@ class CustomAllReduceCommunicator(Communicator):
         return b"custom"  # IPC handles are exchanged in _initialize; no id to share
 
     def _initialize(self, token: bytes) -> None:
-        import cupy
-
         from ._custom_all_reduce import CustomAllReduceEngine
 
-        rt = cupy.cuda.runtime
-        bus_ids = [b.decode() for b in self.coordinator.all_gather(
-            rt.deviceGetPCIBusId(self.device).encode())]
-        # Check locally, then agree: a rank that raised here alone would leave
-        # the others waiting in the next collective step.
-        reason = _peer_access_problem(self.rank, self.device, bus_ids, self.coordinator.ranks)
-        problems = [r.decode() for r in self.coordinator.all_gather((reason or "").encode())]
-        if any(problems):
-            raise CommunicatorError("; ".join(f"rank {self.coordinator.ranks[r]}: {p}"
-                                              for r, p in enumerate(problems) if p))
+        bus_ids = _ipc.agree_on_peer_access(self.coordinator, self.device)
 
         max_bytes, timeout, algorithm, max_blocks, on_error = self._options
         table = _custom_tables.lookup(self.world_size, _device_name(self.device))
@@ -152,29 +140,7 @@ class CustomAllReduceCommunicator(Communicator):
                                              ranks_per_gpu=self.ranks_per_gpu, on_error=on_error,
                                              **self._kernel_variant)
         self.max_bytes = self._engine.limits.max_bytes
-        self._check_p2p(bus_ids)
-
-    def _check_p2p(self, bus_ids: list[str]) -> None:
-        """A real write through every IPC mapping, read back by its owner; cached per device set."""
-        path = p2p_cache_path(bus_ids)
-        cached = None
-        try:
-            cached = json.loads(path.read_text())
-        except (OSError, ValueError):
-            pass
-        # Every rank must agree on whether to run the (collective) test.
-        known = self.coordinator.all_gather(b"1" if cached and cached.get("ok") else b"0")
-        if all(k == b"1" for k in known):
-            return
-        reason = self._engine.check_p2p()
-        if self.coordinator.is_local_master():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"ok": reason is None, "reason": reason, "devices": bus_ids}))
-            except OSError:
-                pass
-        if reason is not None:
-            raise CommunicatorError(reason)
+        _ipc.check_p2p(self.coordinator, bus_ids, self._engine.check_p2p)
 
     # -- calls ---------------------------------------------------------------------------
     def _check_limits(self, collective: Collective, view: TensorView, op: ReduceOp) -> Optional[str]:
@@ -225,23 +191,6 @@ class CustomAllReduceCommunicator(Communicator):
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.close()
-
-
-def _peer_access_problem(rank: int, device: int, bus_ids: list[str], ranks) -> Optional[str]:
-    """Why this rank cannot reach every peer's GPU, or None. Ranks on the same GPU reach each other.
-
-    ``ranks`` maps a rank of the communicator to its global rank, for the message.
-    """
-    import cupy
-
-    rt = cupy.cuda.runtime
-    for peer, bus_id in enumerate(bus_ids):
-        if peer == rank or bus_id == bus_ids[rank]:
-            continue
-        if not rt.deviceCanAccessPeer(device, rt.deviceGetByPCIBusId(bus_id)):
-            return (f"the driver reports no peer access from {bus_ids[rank]} to rank {ranks[peer]}'s "
-                    f"{bus_id} (PCIe without P2P?)")
-    return None
 
 
 def _device_name(device: int) -> str:

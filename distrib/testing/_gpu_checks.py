@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..communicator.api import DType, ReduceOp
-from ._arrays import expected, shape_numel
+from ._arrays import expected, pattern, shape_numel
 
 
 def _capture_block(comm):
@@ -82,8 +82,44 @@ def _cupy_graph(suite) -> None:
                 suite.compare(x, want, dtype, (1024,), f"launch {shift} of a CuPy-captured all_reduce")
 
 
+def send_recv_graph(suite) -> Optional[str]:
+    """A send/recv ring captured in a CUDA graph (torch), replayed with new inputs."""
+    if not suite.gpu or suite.lib.name != "torch":
+        return "checked with torch tensors on a GPU communicator"
+    if suite.ws == 1:
+        return "send/recv needs at least 2 ranks"
+    device = torch.device("cuda", suite.device)
+    after, before = (suite.rank + 1) % suite.ws, (suite.rank - 1) % suite.ws
+    cases = [((1000,), suite.dtypes[0]), ((3, 1 << 15), suite.dtypes[-1]), (((1 << 20) + 3,), suite.dtypes[0])]
+    xs = [suite.make(ReduceOp.SUM, suite.rank, shape, dtype) for shape, dtype in cases]
+    ys = [suite.lib.empty(shape, dtype) for shape, dtype in cases]
+
+    def ring():
+        for x, y in zip(xs, ys):
+            suite._ring(lambda: suite.comm.send(x, after), lambda: suite.comm.recv(y, before))
+
+    graph = torch.cuda.CUDAGraph()
+    with _capture_block(suite.comm):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            ring()  # warm-up, eager
+        torch.cuda.current_stream(device).wait_stream(side)
+        with torch.cuda.graph(graph):
+            ring()
+    for shift in range(3):
+        for x, (shape, dtype) in zip(xs, cases):
+            x.copy_(suite.make(ReduceOp.SUM, suite.rank, shape, dtype, shift))
+        graph.replay()
+        torch.cuda.synchronize(device)
+        for y, (shape, dtype) in zip(ys, cases):
+            want = pattern(ReduceOp.SUM, before, suite.ws, shape_numel(shape), dtype) + shift
+            suite.compare(y, want, dtype, shape, f"replay {shift} of a captured send/recv of {dtype}{list(shape)}")
+    del graph
+
+
 def caller_stream(suite) -> Optional[str]:
-    """The all-reduce is ordered on the caller's current stream, not on another one."""
+    """Work is ordered on the caller's current stream, not on another one."""
     if not suite.gpu or suite.lib.name != "torch":
         return "checked with torch tensors on a GPU communicator"
     if not hasattr(torch.cuda, "_sleep"):
@@ -91,14 +127,20 @@ def caller_stream(suite) -> Optional[str]:
     device = torch.device("cuda", suite.device)
     stream = torch.cuda.Stream(device)
     x = torch.zeros(4096, dtype=torch.float32, device=device)
+    y = torch.zeros(4096, dtype=torch.float32, device=device)
     torch.cuda.synchronize(device)
+    after, before = (suite.rank + 1) % suite.ws, (suite.rank - 1) % suite.ws
     with torch.cuda.stream(stream):
-        # The fill runs only after a long spin on this stream: an all_reduce
-        # enqueued anywhere else would read the zeros first.
+        # The fill runs only after a long spin on this stream: a call enqueued
+        # anywhere else would read the zeros first.
         torch.cuda._sleep(200_000_000)
         x.fill_(suite.rank + 1)
-        suite.comm.all_reduce(x)
-        y = x.clone()
+        if suite.reduces:
+            suite.comm.all_reduce(x)
+            y.copy_(x)
+        else:
+            suite._ring(lambda: suite.comm.send(x, after), lambda: suite.comm.recv(y, before))
     stream.synchronize()
-    want = torch.full((4096,), float(suite.ws * (suite.ws + 1) // 2), dtype=torch.float64)
-    suite.compare(y, want, DType.FLOAT32, (4096,), "an all_reduce ordered after a fill on a side stream")
+    total = suite.ws * (suite.ws + 1) // 2 if suite.reduces else before + 1
+    want = torch.full((4096,), float(total), dtype=torch.float64)
+    suite.compare(y, want, DType.FLOAT32, (4096,), "a call ordered after a fill on a side stream")

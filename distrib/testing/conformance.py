@@ -9,18 +9,20 @@ In every rank of a launch::
 or from the launching process, ``launch_conformance("nccl", 2, devices=[0, 1])``.
 
 It checks every dtype and op the communicator declares (``dtypes``, ``ops``)
-over shapes that include empty and odd sizes: in place and out of place,
-(a tensor its limits decline must be declined alike by ``can_all_reduce`` and
-``all_reduce``, and is listed in the report; the other collectives, where
-supported, must take every shape),
-``all_gather``, ``reduce_scatter`` and ``broadcast`` where supported, the
-cheap ``can_all_reduce`` check, bad inputs (each must raise a clear
-:class:`~distrib.errors.DistribError` before anything is sent, and leave the
-communicator usable), debug mode (a mismatch across ranks raises on every
-rank), and ``close``. With ``graph=True`` on a GPU communicator it also
-captures all-reduces in a CUDA graph and replays them, and checks that work
-goes on the caller's current stream. A failed check raises
-:class:`ConformanceError` naming the check, the rank and the first wrong element.
+over shapes that include empty and odd sizes: ``all_reduce`` in place and out
+of place (a tensor its limits decline must be declined alike by
+``can_all_reduce`` and ``all_reduce``, and is listed in the report; the other
+collectives, where supported, must take every shape), ``all_gather``,
+``reduce_scatter``, ``broadcast`` and ``send``/``recv`` (with tensor dicts)
+where supported, the cheap ``can_all_reduce`` check, bad inputs (each must
+raise a clear :class:`~distrib.errors.DistribError` before anything is sent,
+and leave the communicator usable), debug mode (a mismatch across ranks
+raises on every rank), and ``close``. With ``graph=True`` on a GPU
+communicator it also captures all-reduces and send/recv in CUDA graphs and
+replays them, and checks that work goes on the caller's current stream. A
+communicator that does only send/recv (or only collectives) skips what it
+does not do. A failed check raises :class:`ConformanceError` naming the
+check, the rank and the first wrong element.
 """
 from __future__ import annotations
 
@@ -116,16 +118,18 @@ class _Suite:
         self.ops = [o for o in ReduceOp if o in self.comm.ops]
         self.check = ""
         self.declined: list[str] = []
-        if not self.dtypes or ReduceOp.SUM not in self.ops:
+        self.reduces = self.comm.supports(Collective.ALL_REDUCE)
+        self.p2p = self.comm.supports(Collective.SEND) and self.comm.supports(Collective.RECV)
+        if not self.dtypes or (self.reduces and ReduceOp.SUM not in self.ops) or not (self.reduces or self.p2p):
             self.fail(f"declares dtypes {sorted(self.comm.dtypes)} and ops {sorted(self.comm.ops)}; "
-                      "the suite needs at least one dtype and the sum op")
+                      "the suite needs at least one dtype, and all_reduce with the sum op or send/recv")
 
     def run(self, graph: bool) -> ConformanceReport:
         checks = [self.check_all_reduce, self.check_all_reduce_out, self.check_all_gather,
                   self.check_reduce_scatter, self.check_broadcast, self.check_send_recv,
                   self.check_can_all_reduce, self.check_bad_inputs, self.check_debug_mode]
         if graph:
-            checks += [self.check_cuda_graph, self.check_caller_stream]
+            checks += [self.check_cuda_graph, self.check_send_recv_graph, self.check_caller_stream]
         checks.append(self.check_close)
         passed, skipped = [], []
         for check in checks:
@@ -196,8 +200,13 @@ class _Suite:
                     continue
                 yield dtype, op
 
+    def no_all_reduce(self) -> Optional[str]:
+        return None if self.reduces else f"all_reduce is not supported by {self.comm.name}"
+
     # -- checks -------------------------------------------------------------------
     def check_all_reduce(self):
+        if not self.reduces:
+            return self.no_all_reduce()
         for dtype, op in self.cases():
             for shape in self.shapes:
                 x = self.make(op, self.rank, shape, dtype)
@@ -208,6 +217,8 @@ class _Suite:
                 self.compare_reduced(x, op, dtype, shape, f"all_reduce {op} {dtype}{list(shape)}")
 
     def check_all_reduce_out(self):
+        if not self.reduces:
+            return self.no_all_reduce()
         shape = (4, 8)
         for dtype, op in self.cases():
             x = self.make(op, self.rank, shape, dtype)
@@ -273,7 +284,7 @@ class _Suite:
 
     def check_send_recv(self):
         comm = self.comm
-        if not (comm.supports(Collective.SEND) and comm.supports(Collective.RECV)):
+        if not self.p2p:
             return f"send/recv is not supported by {comm.name}"
         if self.ws == 1:
             return "send/recv needs at least 2 ranks"
@@ -308,13 +319,15 @@ class _Suite:
             self.expect(torch.equal(got[key].cpu(), want.cpu()) and got[key].device == want.device,
                         f"recv_tensor_dict[{key!r}] differs from what rank {before} sent")
 
-    def _ring(self, send: Callable[[], Any], recv: Callable[[], Any]) -> None:
+    def _ring(self, send: Callable[[], Any], recv: Callable[[], Any]) -> Any:
         """Send to the next rank and receive from the previous one: even ranks send first."""
         first, second = (send, recv) if self.rank % 2 == 0 else (recv, send)
         first()
         second()
 
     def check_can_all_reduce(self):
+        if not self.reduces:
+            return self.no_all_reduce()
         good = self.make(ReduceOp.SUM, self.rank, (16,), self.dtypes[0])
         self.expect(self.comm.can_all_reduce(good) is None, f"rejects a good tensor: {self.comm.can_all_reduce(good)}")
         self.expect(self.comm.can_all_reduce(good, "SUM") is None, "rejects op 'SUM'")
@@ -329,6 +342,8 @@ class _Suite:
                         f"can_all_reduce({type(bad).__name__}, {op!r}) gave {reason!r}; expected a reason mentioning {word!r}")
 
     def check_bad_inputs(self):
+        if not self.reduces:
+            return self.no_all_reduce() + " (check_send_recv checks bad sends and recvs)"
         comm, dtype = self.comm, self.dtypes[0]
         x = self.make(ReduceOp.SUM, self.rank, (6, 4), dtype)
         self.raises(CommunicatorError, ["contiguous"], "a non-contiguous tensor",
@@ -379,26 +394,9 @@ class _Suite:
         first, second = (f"rank {r}" for r in getattr(self.coordinator, "ranks", range(self.ws))[:2])
         with self.factory(self.coordinator, self.device, debug=True) as debug:
             self.expect(debug.debug, "debug=True did not turn debug mode on")
-            mine = self.make(ReduceOp.SUM, self.rank, (8 * (1 + self.rank),), dtype)
-            self.raises(CommunicatorError, ["differ", first, second], "sizes that differ across ranks",
-                        debug.all_reduce, mine)
-            if len(self.dtypes) > 1:
-                mine = self.make(ReduceOp.SUM, self.rank, (8,), self.dtypes[self.rank % 2])
-                self.raises(CommunicatorError, ["differ"], "dtypes that differ across ranks", debug.all_reduce, mine)
-            if ReduceOp.MAX in self.ops:
-                op = ReduceOp.SUM if self.rank == 0 else ReduceOp.MAX
-                self.raises(CommunicatorError, ["differ"], "ops that differ across ranks", debug.all_reduce,
-                            self.make(ReduceOp.SUM, self.rank, (8,), dtype), op)
-            if self.rank == 0:
-                self.raises(CommunicatorError, ["contiguous"], "a bad input on rank 0", debug.all_reduce,
-                            self.lib.non_contiguous(dtype))
-            else:
-                self.raises(CommunicatorError, [first, "rejected"], "a bad input on rank 0 (seen from a peer)",
-                            debug.all_reduce, self.make(ReduceOp.SUM, self.rank, (6, 4), dtype))
-            x = self.make(ReduceOp.SUM, self.rank, (8,), dtype)
-            debug.all_reduce(x)
-            self.compare_reduced(x, ReduceOp.SUM, dtype, (8,), "a matching all_reduce in debug mode")
-            if debug.supports(Collective.SEND) and self.rank < 2:
+            if self.reduces:
+                self._debug_all_reduce(debug, dtype, first, second)
+            if self.p2p and self.rank < 2:
                 peer = 1 - self.rank
                 call = debug.send if self.rank == 0 else debug.recv
                 self.raises(CommunicatorError, ["does not match", first, second],
@@ -415,24 +413,65 @@ class _Suite:
             else:
                 os.environ["DISTRIB_DEBUG"] = previous
 
+    def _debug_all_reduce(self, debug, dtype: DType, first: str, second: str) -> None:
+        mine = self.make(ReduceOp.SUM, self.rank, (8 * (1 + self.rank),), dtype)
+        self.raises(CommunicatorError, ["differ", first, second], "sizes that differ across ranks",
+                    debug.all_reduce, mine)
+        if len(self.dtypes) > 1:
+            mine = self.make(ReduceOp.SUM, self.rank, (8,), self.dtypes[self.rank % 2])
+            self.raises(CommunicatorError, ["differ"], "dtypes that differ across ranks", debug.all_reduce, mine)
+        if ReduceOp.MAX in self.ops:
+            op = ReduceOp.SUM if self.rank == 0 else ReduceOp.MAX
+            self.raises(CommunicatorError, ["differ"], "ops that differ across ranks", debug.all_reduce,
+                        self.make(ReduceOp.SUM, self.rank, (8,), dtype), op)
+        if self.rank == 0:
+            self.raises(CommunicatorError, ["contiguous"], "a bad input on rank 0", debug.all_reduce,
+                        self.lib.non_contiguous(dtype))
+        else:
+            self.raises(CommunicatorError, [first, "rejected"], "a bad input on rank 0 (seen from a peer)",
+                        debug.all_reduce, self.make(ReduceOp.SUM, self.rank, (6, 4), dtype))
+        x = self.make(ReduceOp.SUM, self.rank, (8,), dtype)
+        debug.all_reduce(x)
+        self.compare_reduced(x, ReduceOp.SUM, dtype, (8,), "a matching all_reduce in debug mode")
+
     def check_cuda_graph(self):
+        if not self.reduces:
+            return self.no_all_reduce()
         return _gpu_checks.cuda_graph(self)
+
+    def check_send_recv_graph(self):
+        if not self.p2p:
+            return f"send/recv is not supported by {self.comm.name}"
+        return _gpu_checks.send_recv_graph(self)
 
     def check_caller_stream(self):
         return _gpu_checks.caller_stream(self)
 
     def check_close(self):
         with self.factory(self.coordinator, self.device, debug=False) as extra:
-            x = self.make(ReduceOp.SUM, self.rank, (8,), self.dtypes[0])
-            extra.all_reduce(x)
-            self.compare_reduced(x, ReduceOp.SUM, self.dtypes[0], (8,), "all_reduce in a with block")
+            self._exchange(extra, "in a with block")
         self.expect(extra.closed, "leaving the with block did not close the communicator")
         self.comm.close()
         self.comm.close()  # idempotent
         self.expect(self.comm.closed, "close() did not mark the communicator closed")
-        self.raises(CommunicatorError, ["closed"], "all_reduce after close", self.comm.all_reduce, x)
+        x = self.make(ReduceOp.SUM, self.rank, (8,), self.dtypes[0])
+        call = self.comm.all_reduce if self.reduces else (lambda t: self.comm.send(t, (self.rank + 1) % self.ws))
+        self.raises(CommunicatorError, ["closed"], "a call after close", call, x)
         reason = self.comm.can_all_reduce(x)
         self.expect(isinstance(reason, str) and "closed" in reason, f"can_all_reduce after close gave {reason!r}")
+
+    def _exchange(self, comm, what: str) -> None:
+        """One all_reduce on ``comm`` (or, without it, a send/recv ring), checked."""
+        dtype = self.dtypes[0]
+        x = self.make(ReduceOp.SUM, self.rank, (8,), dtype)
+        if self.reduces:
+            comm.all_reduce(x)
+            self.compare_reduced(x, ReduceOp.SUM, dtype, (8,), f"all_reduce {what}")
+            return
+        after, before = (self.rank + 1) % self.ws, (self.rank - 1) % self.ws
+        got = self.lib.empty((8,), dtype)
+        self._ring(lambda: comm.send(x, after), lambda: comm.recv(got, before))
+        self.compare(got, pattern(ReduceOp.SUM, before, self.ws, 8, dtype), dtype, (8,), f"send/recv {what}")
 
     # -- arrays the suite needs ------------------------------------------------------
     def _wrong_device(self):

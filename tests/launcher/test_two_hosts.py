@@ -116,6 +116,31 @@ def test_rendezvous_coordinator_and_gloo_all_reduce_across_hosts(two_hosts):
                                       for r in range(4)]
 
 
+def test_tp_inside_each_host_and_pp_across_hosts_on_gloo(two_hosts):
+    nodes = [_node(two_hosts, k, "--show-ranks", "0-3", script("groups.py")) for k in (1, 0)]
+    (out1, err1), (out0, err0) = _finish(*nodes, timeout=150)
+    assert nodes[1].returncode == 0, err0
+    assert nodes[0].returncode == 0, err1
+    records = channel_results(out0, out1)
+    assert sorted(records) == [0, 1, 2, 3]
+    for rank, record in records.items():
+        tp, pp = record["tp"], record["pp"]
+        assert record["node"] == rank // 2
+        assert tp["ranks"] == [rank - rank % 2, rank - rank % 2 + 1] and tp["nnodes"] == 1
+        assert tp["sum"] == sum(r + 1 for r in tp["ranks"]) and tp["local"] == [rank % 2, 2]
+        assert pp["ranks"] == [rank % 2, rank % 2 + 2] and pp["nnodes"] == 2
+        assert pp["node_rank"] == rank // 2 and pp["local"] == [0, 1]
+        for name in ("custom", "ipc"):
+            assert "spans 2 nodes; CUDA IPC works only within one node" in pp[name], pp[name]
+            assert "spans 2 nodes" in pp["disabled"][name], pp["disabled"]
+        assert pp["chain"][0] == "gloo"
+        if rank >= 2:  # stage 1 received stage 0's tensors, across the hosts
+            sender = rank - 2
+            assert pp["received"] == {"first": [10.0 * sender, 10.0 * sender + 1, 10.0 * sender + 2],
+                                      "dict": [10.0 * sender, 10.0 * sender + 1, 10.0 * sender + 2],
+                                      "step": 3}
+
+
 def _start_hanging_ranks(two_hosts, tmp_path):
     """Both hosts' distrib-run with 2 ranks each that hang once started; (nodes, the 4 ranks' pids)."""
     nodes = [_node(two_hosts, k, "--grace", "2", script("hang_after_start.py"), str(tmp_path))

@@ -34,7 +34,8 @@ class _Session:
 
 
 class ByteExchangeCommunicator(Communicator):
-    """All collectives on CPU tensors, through the Coordinator's all_gather of bytes."""
+    """All collectives on CPU tensors, through the Coordinator's all_gather of bytes;
+    send and recv through its point-to-point messages."""
 
     name = "vendor_example"
     # Below gloo (0): installed, it never takes CPU tensors from gloo in a default
@@ -83,6 +84,17 @@ class ByteExchangeCommunicator(Communicator):
         data = self.coordinator.broadcast(self._session.token + mine, src=src)
         if not data.startswith(self._session.token):
             raise CommunicatorError(f"rank {src} broadcast from another session")
+        received = torch.frombuffer(bytearray(data[len(self._session.token):]), dtype=view.tensor.dtype)
+        view.tensor.view(-1).copy_(received)
+
+    def _send(self, view: TensorView, dst: int) -> None:
+        mine = view.tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        self.coordinator.send(self._session.token + mine, dst)
+
+    def _recv(self, view: TensorView, src: int) -> None:
+        data = self.coordinator.recv(src)
+        if not data.startswith(self._session.token):
+            raise CommunicatorError(f"rank {src} sent from another session")
         received = torch.frombuffer(bytearray(data[len(self._session.token):]), dtype=view.tensor.dtype)
         view.tensor.view(-1).copy_(received)
 
