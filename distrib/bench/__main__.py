@@ -8,6 +8,7 @@ BENCHMARKS = {"allreduce": "distrib.bench.allreduce",
               "custom-crossover": "distrib.bench.custom_crossover",
               "failstop": "distrib.bench.failstop",
               "faults": "distrib.bench.faults",
+              "groups": "distrib.bench.groups",
               "kernel-ab": "distrib.bench.kernel_ab",
               "op-overhead": "distrib.bench.op_overhead"}
 
