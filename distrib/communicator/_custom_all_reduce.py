@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 from ..errors import CommunicatorError
 from ._cuda_driver import KernelLauncher, allocation_of, max_resident_blocks
 from ._ipc import (ERROR_RECORD_WORDS, IpcHandles, StreamOrder, Watchdog, copy_to_device,  # noqa: F401
-                   is_capturing, keep_until_exit, kernel_source_dir, mapped_error_record)
+                   is_capturing, keep_until_exit, kernel_source_dir, mapped_error_record, write_through_peers)
 
 logger = logging.getLogger("distrib.communicator.custom")
 
@@ -208,30 +208,17 @@ class CustomAllReduceEngine:
         copy_to_device(self._rank_data + slot * RANK_DATA_BYTES, data)
 
     def check_p2p(self) -> Optional[str]:
-        """Write through every opened peer mapping and have the owner read it back.
+        """Write through every opened peer mapping and have the owner read it back (collective).
 
         Returns None if every pair works, else a reason naming the failing pairs.
-        Collective: every rank calls it.
         """
         cupy = self._cupy
-        rt = cupy.cuda.runtime
-        pattern = 0x5EED0000 + self.world_size
-        with cupy.cuda.Device(self.device):
+
+        def write(pattern: int) -> None:
             self._p2p_test((1,), (32,), (self._context, self.world_size, cupy.uint32(pattern)))
-            rt.deviceSynchronize()
-        self._coordinator.barrier()
-        with cupy.cuda.Device(self.device):
-            words = (ctypes.c_uint32 * (MAX_RANKS * 4))()
-            rt.memcpy(ctypes.addressof(words), self._base + _P2P_CHECK_OFFSET, ctypes.sizeof(words),
-                      rt.memcpyDeviceToHost)
-        bad = [writer for writer in range(self.world_size)
-               if words[writer * 4] != (pattern ^ self.rank)]
-        verdicts = self._coordinator.all_gather(json.dumps(bad).encode())
-        failures = [(writer, owner) for owner, v in enumerate(verdicts) for writer in json.loads(v)]
-        if failures:
-            pairs = ", ".join(f"{self._names[w]}->{self._names[o]}" for w, o in failures)
-            return f"P2P writes through CUDA IPC did not arrive for rank pairs {pairs}"
-        return None
+
+        return write_through_peers(self._coordinator, self.device, write, self._base + _P2P_CHECK_OFFSET,
+                                   self._names)
 
     # -- calls ---------------------------------------------------------------------
     def algorithm(self, nbytes: int) -> str:

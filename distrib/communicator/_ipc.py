@@ -21,7 +21,7 @@ from ..errors import CommunicatorError
 
 logger = logging.getLogger("distrib.communicator.custom")
 
-__all__ = ["kernel_source_dir", "peer_access_problem", "check_p2p", "p2p_cache_path", "copy_to_device",
+__all__ = ["kernel_source_dir", "unavailable_reason", "peer_access_problem", "write_through_peers", "check_p2p", "p2p_cache_path", "copy_to_device",
            "mapped_error_record", "is_capturing", "IpcHandles", "StreamOrder", "Watchdog",
            "keep_until_exit"]
 
@@ -40,6 +40,26 @@ def kernel_source_dir() -> Path:
     raise CommunicatorError(
         "kernels/custom_all_reduce.cuh was not found next to the distrib package; reinstall "
         "distrib from a full source tree")
+
+
+def unavailable_reason(coordinator, device: Optional[int]) -> Optional[str]:
+    """Why CUDA IPC cannot join ``coordinator``'s ranks on ``device``, or None (cheap, local):
+    they span nodes, CuPy is missing, or there is no such device."""
+    if coordinator.nnodes > 1:
+        return (f"{coordinator.describe()} spans {coordinator.nnodes} nodes; CUDA IPC works only "
+                "within one node")
+    try:
+        import cupy
+    except ImportError as exc:
+        return f"CuPy is not installed ({exc})"
+    if device is None:
+        return "no CUDA device was given"
+    try:
+        if not 0 <= device < cupy.cuda.runtime.getDeviceCount():
+            return f"device {device} does not exist"
+    except Exception as exc:  # noqa: BLE001 - no driver
+        return f"CUDA is not usable here: {exc}"
+    return None
 
 
 def peer_access_problem(rank: int, device: int, bus_ids: list[str], ranks) -> Optional[str]:
@@ -102,6 +122,33 @@ def check_p2p(coordinator, bus_ids: list[str], write_test: Callable[[], Optional
             pass
     if reason is not None:
         raise CommunicatorError(reason)
+
+
+def write_through_peers(coordinator, device: int, write: Callable[[int], None], mine: int,
+                        names) -> Optional[str]:
+    """The write test (collective): ``write(pattern)`` launches a kernel that writes ``pattern ^ owner``
+    into word 4 * (writer) of ``owner``'s check area, through the IPC mapping; each owner reads its
+    area (``world_size * 4`` words at device address ``mine``) back. None if every pair arrived,
+    else the failing pairs, by global rank (``names``)."""
+    import cupy
+
+    rt = cupy.cuda.runtime
+    world, rank = coordinator.world_size, coordinator.rank
+    pattern = 0x5EED0000 + world
+    with cupy.cuda.Device(device):
+        write(pattern)
+        rt.deviceSynchronize()
+    coordinator.barrier()
+    with cupy.cuda.Device(device):
+        words = (ctypes.c_uint32 * (world * 4))()
+        rt.memcpy(ctypes.addressof(words), mine, ctypes.sizeof(words), rt.memcpyDeviceToHost)
+    bad = [writer for writer in range(world) if words[writer * 4] != (pattern ^ rank)]
+    verdicts = coordinator.all_gather(json.dumps(bad).encode())
+    failures = [(writer, owner) for owner, v in enumerate(verdicts) for writer in json.loads(v)]
+    if failures:
+        pairs = ", ".join(f"{names[w]}->{names[o]}" for w, o in failures)
+        return f"P2P writes through CUDA IPC did not arrive for rank pairs {pairs}"
+    return None
 
 
 def p2p_cache_path(bus_ids: list[str]) -> Path:

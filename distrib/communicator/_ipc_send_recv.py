@@ -7,8 +7,6 @@ to it.
 """
 from __future__ import annotations
 
-import ctypes
-import json
 import logging
 import struct
 from typing import Optional
@@ -16,7 +14,7 @@ from typing import Optional
 from ..errors import CommunicatorError
 from ._cuda_driver import SendRecvLauncher
 from ._ipc import (IpcHandles, StreamOrder, Watchdog, copy_to_device, is_capturing, keep_until_exit,
-                   kernel_source_dir, mapped_error_record)
+                   kernel_source_dir, mapped_error_record, write_through_peers)
 
 logger = logging.getLogger("distrib.communicator.ipc")
 
@@ -134,23 +132,12 @@ class IpcSendRecvEngine:
     def check_p2p(self) -> Optional[str]:
         """Write through every opened peer mapping and have the owner read it back (collective)."""
         cupy = self._cupy
-        rt = cupy.cuda.runtime
-        pattern = 0x1BC00000 + self.world_size
-        with cupy.cuda.Device(self.device):
+
+        def write(pattern: int) -> None:
             self._write_test((1,), (32,), (self._context, cupy.uint32(pattern)))
-            rt.deviceSynchronize()
-        self._coordinator.barrier()
-        with cupy.cuda.Device(self.device):
-            words = (ctypes.c_uint32 * (MAX_RANKS * 4))()
-            rt.memcpy(ctypes.addressof(words), self._base + P2P_CHECK_OFFSET, ctypes.sizeof(words),
-                      rt.memcpyDeviceToHost)
-        bad = [writer for writer in range(self.world_size) if words[writer * 4] != (pattern ^ self.rank)]
-        verdicts = self._coordinator.all_gather(json.dumps(bad).encode())
-        failures = [(writer, owner) for owner, v in enumerate(verdicts) for writer in json.loads(v)]
-        if failures:
-            pairs = ", ".join(f"{self._names[w]}->{self._names[o]}" for w, o in failures)
-            return f"P2P writes through CUDA IPC did not arrive for rank pairs {pairs}"
-        return None
+
+        return write_through_peers(self._coordinator, self.device, write, self._base + P2P_CHECK_OFFSET,
+                                   self._names)
 
     # -- failures -------------------------------------------------------------------
     def check(self) -> None:

@@ -89,24 +89,10 @@ class CustomAllReduceCommunicator(Communicator):
     def unavailable_reason(cls, coordinator, device) -> Optional[str]:
         if os.environ.get(DISABLE_VAR, "") not in ("", "0"):
             return f"disabled by {DISABLE_VAR}"
-        if coordinator.nnodes > 1:
-            return (f"{coordinator.describe()} spans {coordinator.nnodes} nodes; CUDA IPC works only "
-                    "within one node")
-        if coordinator.world_size not in SUPPORTED_WORLD_SIZES:
+        if coordinator.world_size not in SUPPORTED_WORLD_SIZES and coordinator.nnodes == 1:
             return (f"world size {coordinator.world_size} is not supported (supported: "
                     f"{SUPPORTED_WORLD_SIZES})")
-        try:
-            import cupy
-        except ImportError as exc:
-            return f"CuPy is not installed ({exc})"
-        if device is None:
-            return "no CUDA device was given"
-        try:
-            if not 0 <= device < cupy.cuda.runtime.getDeviceCount():
-                return f"device {device} does not exist"
-        except Exception as exc:  # noqa: BLE001 - no driver
-            return f"CUDA is not usable here: {exc}"
-        return None
+        return _ipc.unavailable_reason(coordinator, device)
 
     # -- start-up (collective) ----------------------------------------------------------
     def _make_token(self) -> bytes:

@@ -65,23 +65,9 @@ class IpcCommunicator(Communicator):
 
         if os.environ.get(DISABLE_VAR, "") not in ("", "0"):
             return f"disabled by {DISABLE_VAR}"
-        if coordinator.nnodes > 1:
-            return (f"{coordinator.describe()} spans {coordinator.nnodes} nodes; CUDA IPC works only "
-                    "within one node")
-        if not 2 <= coordinator.world_size <= MAX_RANKS:
+        if not 2 <= coordinator.world_size <= MAX_RANKS and coordinator.nnodes == 1:
             return f"send/recv needs 2 to {MAX_RANKS} ranks, not {coordinator.world_size}"
-        try:
-            import cupy
-        except ImportError as exc:
-            return f"CuPy is not installed ({exc})"
-        if device is None:
-            return "no CUDA device was given"
-        try:
-            if not 0 <= device < cupy.cuda.runtime.getDeviceCount():
-                return f"device {device} does not exist"
-        except Exception as exc:  # noqa: BLE001 - no driver
-            return f"CUDA is not usable here: {exc}"
-        return None
+        return _ipc.unavailable_reason(coordinator, device)
 
     def _make_token(self) -> bytes:
         return b"ipc"  # IPC handles are exchanged in _initialize; no id to share
