@@ -19,7 +19,7 @@ def test_gloo_passes_the_conformance_suite(nprocs):
     reports = launch_conformance("gloo", nprocs, start_method="forkserver", timeout=240)
     assert [r.rank for r in reports] == list(range(nprocs))
     expected = {"all_reduce", "all_reduce_out", "all_gather", "reduce_scatter", "broadcast",
-                "can_all_reduce", "bad_inputs", "close"} | ({"debug_mode"} if nprocs > 1 else set())
+                "can_all_reduce", "bad_inputs", "close"} | ({"debug_mode", "send_recv"} if nprocs > 1 else set())
     for report in reports:
         assert report.communicator == "gloo" and report.world_size == nprocs
         assert set(report.passed) == expected, report
