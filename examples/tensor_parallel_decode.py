@@ -5,6 +5,8 @@
     distrib-run --nprocs 4 examples/tensor_parallel_decode.py --model llama-70b
     python examples/tensor_parallel_decode.py --device cpu         # 2 CPU ranks, tiny model, gloo
     python examples/tensor_parallel_decode.py --compile            # the decode step through torch.compile
+    python examples/tensor_parallel_decode.py --device cpu --pp 2 --check-tp1   # TP=2 x PP=2 on 4 CPU ranks
+    distrib-run --nprocs 8 examples/tensor_parallel_decode.py --pp 2           # TP=4 x PP=2 on 8 GPUs
 
 Each rank holds its shard of a bf16 decoder with random weights (RMSNorm,
 attention with a KV cache and grouped-query heads, gated MLP; column-parallel
@@ -17,10 +19,31 @@ replayed, once with each communicator:
 - ``nccl``: distrib's NCCL through CuPy, alone;
 - ``torch``: ``torch.distributed`` NCCL, the outside peer.
 
+With ``--pp N`` the ranks are ``tp x N`` (``tp`` = ranks / N; on CPUs the
+default is 2 x N ranks): the layers are cut into N contiguous pipeline
+stages of TP groups (``distrib.parallel.layout``), the new tokens enter stage
+0, the final norm and LM head run on the last stage, and each TP rank sends
+its hidden state to the same TP rank of the next stage (``send``/``recv``
+of the contender: distrib's communicator on the pipeline group, or
+``torch.distributed``). Decode is autoregressive, so the last stage hands
+its tokens back to stage 0 and a timed step is the whole pipeline, every
+stage in turn, for one batch. On GPUs each rank's part of a step (its
+sends and receives included: CUDA IPC or NCCL) is one CUDA graph, as
+without stages, except where a contender's sends between stages would go
+through host memory (gloo, e.g. ranks sharing a GPU with distrib's ipc
+communicator disabled): those steps are timed eager, and the output says
+so. ``--compile`` compiles each stage's layers and head; the sends between
+stages stay eager. Every contender runs with stages; torch.distributed's
+and distrib's NCCL need one GPU per rank (NCCL refuses shared GPUs).
+Results go to ``benchmarks/results/<N>x<GPU>/tp<T>-pp<P>`` unless ``--out``.
+
 Before timing, every communicator must give the same logits (within bf16
-tolerance) and exact sums. Prints per-token latency and tokens/s per batch
-size with the ratio to torch, and the GPU memory each communicator's graphs
-add; writes ``tp-decode-<model>.json``, ``.md`` and ``.png`` to ``--out``.
+tolerance) and exact sums; ``--check-tp1`` also compares the logits with
+one unsplit model (TP=1, PP=1) on rank 0, which is what catches a pipeline
+handoff that every communicator gets wrong alike. Prints per-token latency
+and tokens/s per batch size with the ratio to torch, and the GPU memory
+each communicator's graphs add; writes ``tp-decode-<model>.json``, ``.md``
+and ``.png`` to ``--out``.
 On CPUs there are no CUDA graphs: eager steps are timed, distrib's NCCL is
 skipped, and the dispatcher and torch.distributed both use gloo (a smoke run).
 
@@ -61,20 +84,28 @@ def rank_main(config: dict) -> Optional[dict]:
     meta = {key: config[key] for key in ("date", "commit", "host", "batch_sizes", "steps", "warmup", "seed",
                                          "compile")}
     gpu = config["device"] == "cuda"
-    meta.update(device=config["device"], gpus=record["tp"] if gpu else 0,
-                timing=((f"compiled (torch.compile, {config['compile']}), " if config["compile"] else "")
-                        + ("CUDA-graph replay timed with CUDA events" if gpu
-                           else "eager steps timed with the wall clock (CPU: no CUDA graphs)")),
+    ranks = record["tp"] * record["pp"]
+    eager = sorted(label for label, details in record["contenders"].items() if details.get("timing"))
+    timing = "CUDA-graph replay timed with CUDA events" if gpu else \
+        "eager steps timed with the wall clock (CPU: no CUDA graphs)"
+    if eager:
+        timing += f" ({', '.join(eager)}: eager steps timed with CUDA events, no graphs; see its notes)"
+    if record["pp"] > 1:
+        timing = (f"whole pipelined steps ({record['pp']} stages in turn, tokens back to the first); "
+                  + timing)
+    meta.update(device=config["device"], gpus=ranks if gpu else 0,
+                timing=(f"compiled (torch.compile, {config['compile']}), " if config["compile"] else "") + timing,
                 timing_ranks="per step, the slowest rank's time; then the median over steps",
                 environment={"NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE") if gpu else None})
     if config.get("shared_gpu"):
         meta.update(gpus=len(set(config["devices"])), shared_gpu=(
-            f"{record['tp']} ranks on {len(set(config['devices']))} GPU(s): a correctness run. The timings "
+            f"{ranks} ranks on {len(set(config['devices']))} GPU(s): a correctness run. The timings "
             "do not measure communication (the ranks' kernels share one GPU)"))
     summary = report.summarize(meta, record)
     device_tag = "CPU" if not gpu else summary["meta"]["device_name"].split()[-1]
-    folder = (f"{meta['gpus']}x{device_tag}/shared-tp{record['tp']}" if config.get("shared_gpu")
-              else f"{record['tp']}x{device_tag}")
+    split = f"tp{record['tp']}" + (f"-pp{record['pp']}" if record["pp"] > 1 else "")
+    folder = (f"{meta['gpus']}x{device_tag}/shared-{split}" if config.get("shared_gpu")
+              else f"{ranks}x{device_tag}" + (f"/{split}" if record["pp"] > 1 else ""))
     out = Path(config["out"]) if config["out"] else REPO / "benchmarks" / "results" / folder
     print(report.console(summary), flush=True)
     if config.get("shared_gpu"):
@@ -121,24 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per batch size (default 100; 10 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; 2 on CPU)")
     parser.add_argument("--nprocs", type=int, default=None,
-                        help="ranks = tensor-parallel degree (default every visible GPU; 2 on CPU); "
-                             "under distrib-run the launch decides")
+                        help="ranks = tensor-parallel degree x --pp (default every visible GPU; 2 x --pp on "
+                             "CPU); under distrib-run the launch decides")
+    parser.add_argument("--pp", type=int, default=1,
+                        help="pipeline stages (default 1); the layers are cut into this many contiguous "
+                             "stages, each run by ranks / pp tensor-parallel ranks")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--devices", default=None, metavar="0,0",
                         help="the GPU of each rank; a repeated GPU is shared (0,0: TP 2 on one GPU, for "
                              "correctness only: timings then do not measure communication; only the "
                              "dispatcher runs, NCCL refuses two ranks on one GPU)")
     parser.add_argument("--check-tp1", action="store_true",
-                        help="also check the logits against one unsplit model on rank 0 (TP=1; on by "
-                             "default when ranks share a GPU)")
+                        help="also check the logits against one unsplit model on rank 0 (TP=1, PP=1; on "
+                             "by default when ranks share a GPU)")
     parser.add_argument("--out", default=None,
-                        help="output directory (default benchmarks/results/<N>x<GPU>, e.g. 4xH200)")
+                        help="output directory (default benchmarks/results/<N>x<GPU>, e.g. 4xH200, and "
+                             "<N>x<GPU>/tp<T>-pp<P> with --pp)")
     parser.add_argument("--seed", type=int, default=0, help="weights, KV cache and inputs (default 0)")
     parser.add_argument("--check-rtol", type=float, default=0.15,
                         help="largest relative error between communicators' logits (default 0.15; "
                              "rounding differences reach ~0.06 after 80 layers, a wrong sum ~1)")
     parser.add_argument("--break-comm", choices=COMM_FLAGS, default=None,
                         help="testing aid: make this communicator's all-reduce a no-op, so the check must fail")
+    parser.add_argument("--break-handoff", choices=COMM_FLAGS, default=None,
+                        help="testing aid (with --pp > 1): this communicator's sends between stages send "
+                             "zeros, so the check must fail")
     parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                         help="run the decode step through torch.compile(fullgraph=True) with this backend "
                              "(default inductor; aot_eager compiles faster)")
@@ -169,8 +207,11 @@ def config_from(args: argparse.Namespace, world_size: Optional[int]) -> dict:
             raise SystemExit(f"--comm {','.join(refused)}: NCCL refuses two ranks on one GPU, and "
                              "--devices repeats one; only the dispatcher (custom kernel) runs there")
         comms = ("dispatcher",)
+    pp = args.pp
+    if pp < 1:
+        raise SystemExit("--pp must be at least 1")
     nprocs = world_size or (len(devices) if devices else None) or args.nprocs or (
-        torch.cuda.device_count() if device == "cuda" else 2)
+        torch.cuda.device_count() if device == "cuda" else 2 * pp)
     if device == "cuda" and world_size is None and devices is None and nprocs > torch.cuda.device_count():
         raise SystemExit(f"--nprocs {nprocs}: only {torch.cuda.device_count()} GPUs are visible "
                          "(--devices 0,0,... shares one)")
@@ -180,16 +221,25 @@ def config_from(args: argparse.Namespace, world_size: Optional[int]) -> dict:
                                ("--layers", args.layers if args.layers is not None else 1, 1)):
         if value < least:
             raise SystemExit(f"{name} must be at least {least}")
+    if nprocs % pp:
+        raise SystemExit(f"--pp {pp} does not divide the {nprocs} ranks: ranks = tensor-parallel degree x --pp")
+    if args.break_handoff and pp == 1:
+        raise SystemExit("--break-handoff breaks the sends between pipeline stages; it needs --pp 2 or more")
+    tp = nprocs // pp
     model = args.model or ("llama-70b" if device == "cuda" else "tiny")
-    problem = SHAPES[model].problem_with(nprocs)
+    problem = SHAPES[model].problem_with(tp)
     if problem is not None:
-        raise SystemExit(f"--model {model} on {nprocs} ranks: {problem}")
+        raise SystemExit(f"--model {model} on {tp} ranks per stage: {problem}")
+    layers = args.layers or SHAPES[model].layers
+    if layers < pp:
+        raise SystemExit(f"--pp {pp}: {layers} layers cannot be cut into {pp} stages of at least one layer each")
     from distrib.bench.allreduce import git_commit
 
     return {"model": model, "layers": args.layers, "batch_sizes": list(args.batch_sizes), "steps": steps,
-            "warmup": warmup, "comms": list(comms), "device": device, "nprocs": nprocs, "seed": args.seed,
+            "warmup": warmup, "comms": list(comms), "device": device, "nprocs": nprocs, "pp": pp, "seed": args.seed,
             "devices": devices, "shared_gpu": shared, "check_tp1": args.check_tp1 or shared,
-            "check_rtol": args.check_rtol, "break_comm": args.break_comm, "out": args.out, "compile": args.compile,
+            "check_rtol": args.check_rtol, "break_comm": args.break_comm, "break_handoff": args.break_handoff,
+            "out": args.out, "compile": args.compile,
             "commit": args.commit or git_commit(), "host": platform.node(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -205,7 +255,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gpu = config["device"] == "cuda"
     if gpu:
         os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by every rank: NVLink multicast stays off
-    print(f"[tp-decode] launching {config['nprocs']} {config['device']} ranks: {config['model']}, "
+    split = f" (TP={config['nprocs'] // config['pp']} x PP={config['pp']})" if config["pp"] > 1 else ""
+    print(f"[tp-decode] launching {config['nprocs']} {config['device']} ranks{split}: {config['model']}, "
           f"{','.join(config['comms'])}", file=sys.stderr, flush=True)
     try:
         results = distrib.launch(rank_main, config["nprocs"], args=(config,), timeout=args.timeout,

@@ -1,4 +1,4 @@
-"""A Llama-style decoder, split for tensor parallelism, with random weights.
+"""A Llama-style decoder, split for tensor and pipeline parallelism, with random weights.
 
 Contract of the split (Megatron-style, as in vLLM and TensorRT-LLM): rank ``r``
 of ``tp`` holds
@@ -16,13 +16,22 @@ of the logits (a sampler would gather or arg-max across ranks; that is left
 out, as is the token embedding, so that the only collectives in a step are
 the two all-reduces per layer).
 
+Pipeline parallelism cuts the layers into ``pp`` contiguous stages (stage
+``s`` holds layers ``[s L / pp, (s + 1) L / pp)``, rounded down, so uneven
+splits are allowed; see :func:`pipeline_stage`). The new tokens' hidden states
+enter the first stage; the final norm and the LM head belong to the last one.
+Inside a stage, tensor parallelism works as above; between stages, each TP
+rank hands its (whole, replicated) hidden state to the same TP rank of the
+next stage (:func:`run_stage`).
+
 Weights are random and deterministic. Every matrix is cut into blocks that no
 tensor-parallel split ever divides (one attention head; one of ``BLOCKS``
 slices of the intermediate or vocabulary dimension), and each block is drawn
 from its own seed ``(seed, layer, kind, block)``. A rank generates only its
 own blocks, on its own device, and the full matrix the shards belong to is the
-same for every ``tp`` (on one kind of device: CPU and CUDA generators draw
-different numbers): a TP=2 run computes what a TP=1 run computes, up to the
+same for every ``tp`` and every ``pp`` (on one kind of device: CPU and CUDA
+generators draw different numbers; a layer's seeds use its index in the whole
+model): a TP=2 x PP=2 run computes what a TP=1 run computes, up to the
 rounding of the partial sums.
 """
 from __future__ import annotations
@@ -35,13 +44,16 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BLOCKS", "SHAPES", "DecoderWeights", "ModelShape", "TensorParallelDecoder", "decode_inputs"]
+__all__ = ["BLOCKS", "SHAPES", "DecoderWeights", "ModelShape", "Stage", "TensorParallelDecoder", "decode_inputs",
+           "pipeline_stage", "run_stage"]
 
 # The intermediate size and the vocabulary are cut into this many seed
 # blocks (attention is cut by heads); tensor-parallel degrees must divide it.
 BLOCKS = 8
 DTYPE = torch.bfloat16
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+Send = Callable[[torch.Tensor, int], None]            # send(t, dst): to a stage of the pipeline group
+Recv = Callable[[torch.Tensor, int], torch.Tensor]    # recv(t, src): into t, returns t
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,37 @@ SHAPES = {
 }
 
 
+@dataclass(frozen=True)
+class Stage:
+    """Pipeline stage ``index`` of ``count``; ``layers``: the model's layers it holds (indices in the whole model)."""
+
+    index: int
+    count: int
+    layers: range
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.count - 1
+
+
+def pipeline_stage(layers: int, pp: int, index: int) -> Stage:
+    """Stage ``index`` of ``pp``: layers ``[index * layers // pp, (index + 1) * layers // pp)``.
+
+    Contiguous, at least one layer each, uneven where ``pp`` does not divide
+    ``layers`` (later stages hold the extra ones). Raises ValueError for fewer
+    layers than stages or an index outside ``0..pp - 1``.
+    """
+    if not 0 <= index < pp:
+        raise ValueError(f"pipeline stage {index} is outside 0..{pp - 1}")
+    if layers < pp:
+        raise ValueError(f"{layers} layers cannot be cut into {pp} pipeline stages of at least one layer each")
+    return Stage(index, pp, range(index * layers // pp, (index + 1) * layers // pp))
+
+
 class _Kind(IntEnum):
     """Which tensor a seed block belongs to (part of the seed)."""
 
@@ -160,18 +203,26 @@ class _Layer:
 class DecoderWeights:
     """Rank ``rank`` of ``tp``'s shard of a random decoder, with a KV cache for ``max_batch`` sequences.
 
-    The first ``shape.context`` cache positions of every sequence hold random
-    keys and values (as if a prompt had been prefilled); the rest is empty.
+    ``stage``: the pipeline stage whose layers to hold (default: one stage,
+    every layer); the final norm and LM head only on the last stage (else
+    None). The first ``shape.context`` cache positions of every sequence hold
+    random keys and values (as if a prompt had been prefilled); the rest is empty.
     """
 
     def __init__(self, shape: ModelShape, tp: int, rank: int, max_batch: int, device: torch.device,
-                 seed: int = 0):
+                 seed: int = 0, stage: Optional[Stage] = None):
         problem = shape.problem_with(tp)
         if problem is not None:
             raise ValueError(f"model {shape.name!r} cannot be split {tp} ways: {problem}")
         if not 0 <= rank < tp:
             raise ValueError(f"rank {rank} is outside 0..{tp - 1}")
+        if stage is None:
+            stage = pipeline_stage(shape.layers, 1, 0)
+        if stage.layers.stop > shape.layers:
+            raise ValueError(f"stage {stage.index} holds layers up to {stage.layers.stop - 1}; "
+                             f"model {shape.name!r} has {shape.layers}")
         self.shape, self.tp, self.rank, self.max_batch, self.device = shape, tp, rank, max_batch, device
+        self.stage = stage
         s, hd = shape, shape.head_dim
         self.heads, self.kv_heads = s.heads // tp, s.kv_heads // tp
         self.intermediate, self.vocab = s.intermediate // tp, s.vocab // tp
@@ -182,7 +233,7 @@ class DecoderWeights:
         # the residual stream grows only slowly over 80 layers (finite in bf16).
         std_hidden = 1 / math.sqrt(s.hidden)
         self.layers: list[_Layer] = []
-        for layer in range(s.layers):
+        for layer in stage.layers:  # seeded by its index in the whole model: any split, same weights
             q_rows, kv_rows = self.heads * hd, self.kv_heads * hd
             qkv = torch.empty(q_rows + 2 * kv_rows, s.hidden, dtype=DTYPE, device=device)
             fill.rows(qkv[:q_rows], layer, _Kind.Q, rank * self.heads, hd, std_hidden)
@@ -204,9 +255,12 @@ class DecoderWeights:
                 caches.append(cache)
             ones = torch.ones(s.hidden, dtype=DTYPE, device=device)
             self.layers.append(_Layer(ones, qkv, o, ones.clone(), gate_up, down, *caches))
-        self.final_norm = torch.ones(s.hidden, dtype=DTYPE, device=device)
-        self.lm_head = torch.empty(self.vocab, s.hidden, dtype=DTYPE, device=device)
-        fill.rows(self.lm_head, 0, _Kind.LM_HEAD, rank * blocks, vocab_block, std_hidden)
+        self.final_norm: Optional[torch.Tensor] = None
+        self.lm_head: Optional[torch.Tensor] = None
+        if stage.is_last:
+            self.final_norm = torch.ones(s.hidden, dtype=DTYPE, device=device)
+            self.lm_head = torch.empty(self.vocab, s.hidden, dtype=DTYPE, device=device)
+            fill.rows(self.lm_head, 0, _Kind.LM_HEAD, rank * blocks, vocab_block, std_hidden)
 
 
 def decode_inputs(shape: ModelShape, batch: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -220,14 +274,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class TensorParallelDecoder:
-    """One decode step of the sharded decoder: ``batch`` sequences, one new token each.
+    """One decode step of the sharded decoder (this rank's stage of it): ``batch`` sequences, one new token each.
 
-    ``step(x, all_reduce)`` takes the new tokens' hidden states ``x``
-    ([batch, hidden], the same on every rank, batch <= max_batch) and returns
-    this rank's slice of the logits ([batch, vocab / tp]). ``all_reduce(t)``
+    ``step(x, all_reduce)`` takes the hidden states ``x`` entering this
+    rank's stage ([batch, hidden], the same on every rank of the stage, batch
+    <= max_batch; on the first stage the new tokens') and returns, on the
+    last stage, this rank's slice of the logits ([batch, vocab / tp]), on the
+    others the hidden states leaving the stage ([batch, hidden], whole: the
+    same on every TP rank). ``all_reduce(t)``
     must return the sum of ``t`` over the ranks (in place or a new tensor); it
-    is called twice per layer, with [batch, hidden] tensors, in the same order
-    on every rank.
+    is called twice per layer of the stage, with [batch, hidden] tensors, in
+    the same order on every rank. Passing the hidden states between stages
+    is :func:`run_stage`'s.
 
     The new token's position is fixed at ``shape.context`` (static shapes and
     addresses, so a step can be captured in a CUDA graph): every step writes
@@ -276,4 +334,42 @@ class TensorParallelDecoder:
             # Gated MLP: column-parallel gate/up, row-parallel down, one all-reduce.
             gate, up = F.linear(rms_norm(h, layer.mlp_norm, s.norm_eps), layer.gate_up).chunk(2, dim=-1)
             h = h + all_reduce(F.linear(F.silu(gate) * up, layer.down))
+        if w.lm_head is None:  # not the last stage: the next one takes it from here
+            return h
         return F.linear(rms_norm(h, w.final_norm, s.norm_eps), w.lm_head)
+
+
+def run_stage(stage: Stage, compute: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+              send: Optional[Send], recv: Optional[Recv]) -> Optional[torch.Tensor]:
+    """One pipelined decode step on one rank of ``stage``: the last stage's logits, None elsewhere.
+
+    - ``compute(h)``: this stage's part (:meth:`TensorParallelDecoder.step`
+      with its all-reduce);
+    - ``x``: the new tokens' hidden states [batch, hidden]; the first stage
+      starts from them, the others from what the stage before sends (of the
+      same shape and dtype);
+    - ``send(t, dst)``, ``recv(t, src)``: point-to-point between the ranks of
+      this rank's pipeline group (the same TP rank of every stage), by stage
+      index; unused with one stage.
+
+    Decode is autoregressive: a step's input depends on the tokens the step
+    before sampled. So the last stage hands its tokens back to the first, and
+    the first stage's step ends when they arrive: a step ends on every rank
+    only when every stage has done its part, one batch's steps never overlap,
+    and the time of a step is the whole pipeline's. The tokens are this TP
+    rank's arg-max over its vocabulary slice ([batch] int64; a stand-in, as
+    sampling across the TP ranks' slices is left out).
+    """
+    if stage.count == 1:
+        return compute(x)
+    if send is None or recv is None:
+        raise ValueError(f"a pipeline of {stage.count} stages needs send and recv")
+    h = x if stage.is_first else recv(torch.empty_like(x), stage.index - 1)
+    out = compute(h)
+    if stage.is_last:
+        send(out.argmax(dim=-1), 0)
+        return out
+    send(out, stage.index + 1)
+    if stage.is_first:
+        recv(torch.empty(x.shape[0], dtype=torch.int64, device=x.device), stage.count - 1)
+    return None

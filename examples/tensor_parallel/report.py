@@ -2,7 +2,7 @@
 
 Per communicator and batch size: the median time of one decode step (every
 layer plus the LM head, one new token per sequence, so it is the per-token
-latency), tokens/s = batch / latency, and the ratio to torch.distributed's
+latency; with pipeline stages, every stage in turn), tokens/s = batch / latency, and the ratio to torch.distributed's
 time at the same batch size (below 1: faster than torch). Memory added by
 capturing the graphs, per communicator, in one table.
 """
@@ -28,7 +28,8 @@ def summarize(meta: dict, record: dict) -> dict:
         r["tokens_per_s"] = r["batch"] / (r["latency_ms"] / 1e3) if r["latency_ms"] > 0 else None
         ref = reference.get(r["batch"])
         r["ratio_vs_torch"] = r["latency_ms"] / ref if ref else None
-    meta = {**meta, "device_name": record["facts"]["device_name"], "tp": record["tp"],
+    meta = {**meta, "device_name": record["facts"]["device_name"], "tp": record["tp"], "pp": record.get("pp", 1),
+            "stages": record.get("stages"),
             "versions": {k: v for k, v in record["facts"].items() if k != "device_name"},
             "model": record["shape"], "layers": record["shape"]["layers"], "layers_note": record["layers_note"],
             "baseline": baseline, "contenders": record["contenders"], "skipped": record["skipped"]}
@@ -47,7 +48,8 @@ def _target(meta: dict, results: list, baseline: Optional[str]) -> Optional[dict
     model, tp, gpu = TARGET_CONFIG
     return {"description": f"dispatcher vs {baseline}: per-token latency at batch <= {TARGET_BATCH} at least "
                            f"{(1 - TARGET_RATIO) * 100:.0f}% lower, and never higher at any batch size",
-            "applies": meta["model"]["name"] == model and meta["tp"] == tp and gpu in meta["device_name"],
+            "applies": (meta["model"]["name"] == model and meta["tp"] == tp and meta["pp"] == 1
+                        and gpu in meta["device_name"]),
             "lower_pct": {str(b): (1 - x) * 100 for b, x in sorted(ours.items())},
             "small_batches_met": bool(small) and all(x <= TARGET_RATIO for x in small.values()),
             "never_worse": all(x <= 1.0 for x in ours.values())}
@@ -86,10 +88,16 @@ def _memory_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _split(m: dict) -> str:
+    if m.get("pp", 1) == 1:
+        return f"TP={m['tp']}"
+    return f"TP={m['tp']} × PP={m['pp']} (stage layers {m['stages']})"
+
+
 def _title(summary: dict) -> str:
     m = summary["meta"]
-    gpus = m.get("gpus") or m["tp"]
-    return (f"Tensor-parallel decode: {m['model']['name']}, {m['layers_note']}, TP={m['tp']} on "
+    gpus = m.get("gpus") or m["tp"] * m.get("pp", 1)
+    return (f"Tensor-parallel decode: {m['model']['name']}, {m['layers_note']}, {_split(m)} on "
             f"{gpus} × {m['device_name']}" + (" (ranks share it)" if m.get("shared_gpu") else ""))
 
 
@@ -112,6 +120,10 @@ def _check_lines(summary: dict) -> list[str]:
                      f"{', '.join(str(c['batch']) for c in rows)}")
     exact = ", ".join(f"`{k}` {'exact' if v else 'WRONG'}" for k, v in check["exact_all_reduce"].items())
     lines.append(f"- all-reduce of every decode shape, exact sums: {exact}")
+    if check.get("vs_tp1"):
+        worst = max(r["rel_err"] for r in check["vs_tp1"])
+        lines.append(f"- against one unsplit model (TP=1, PP=1) on rank 0: max relative error {worst:.3g} over "
+                     f"batches {', '.join(str(r['batch']) for r in check['vs_tp1'])}")
     if check["graph_vs_eager"]:
         worst = max(c["rel_err"] for c in check["graph_vs_eager"])
         lines.append(f"- CUDA graphs vs eager steps: max relative error {worst:.3g}")
@@ -171,10 +183,20 @@ def _communicator_lines(summary: dict) -> list[str]:
     for label, details in m["contenders"].items():
         parts = []
         if details.get("chain"):
-            parts.append("chain " + " > ".join(details["chain"]))
+            parts.append(("TP chain " if details.get("pipeline_chain") else "chain ") + " > ".join(details["chain"]))
+        if details.get("pipeline_chain"):
+            parts.append("pipeline chain " + " > ".join(details["pipeline_chain"]))
+        if details.get("tp"):
+            parts.append(details["tp"])
+        if details.get("groups"):
+            parts.append(details["groups"])
         if details.get("nccl"):
             parts.append(f"NCCL {details['nccl']}")
         parts += [f"{name} left out ({why})" for name, why in details.get("left_out", {}).items()]
+        parts += [f"{name} left out of the pipeline group ({why})"
+                  for name, why in details.get("pipeline_left_out", {}).items()]
+        if details.get("timing"):
+            parts.append(details["timing"])
         if details.get("broken"):
             parts.append(details["broken"])
         lines.append(f"`{label}`: " + ("; ".join(parts) or "default process group"))
@@ -237,7 +259,8 @@ def plot(summary: dict, path: Path) -> Optional[str]:
         axis.set_xticklabels([str(b) for b in batches])
         axis.set_xlabel("batch size (sequences, one new token each)")
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # the ratio panel is empty when torch did not run
+            axis.legend(fontsize=8)
     if summary["memory"]:
         memory = axes[2]
         names = [row["comm"] for row in summary["memory"]]
@@ -254,7 +277,8 @@ def plot(summary: dict, path: Path) -> Optional[str]:
                          "all-reduces)", fontsize=10)
         memory.legend(fontsize=8)
         memory.grid(True, axis="y", alpha=0.3)
-    figure.suptitle(f"{m['model']['name']} ({m['layers']} layers), TP={m['tp']}, {m.get('gpus') or m['tp']} × {m['device_name']} "
+    figure.suptitle(f"{m['model']['name']} ({m['layers']} layers), {_split(m)}, "
+                    f"{m.get('gpus') or m['tp'] * m.get('pp', 1)} × {m['device_name']} "
                     f"— {m['date'][:10]}, {m['commit'][:12]}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
