@@ -33,21 +33,21 @@ def test_tp_groups_of_2_and_4_all_reduce_at_once_ten_thousand_times_each_exactly
             first = rank // tp * tp
             assert group["ranks"] == tuple(range(first, first + tp)), (rank, tp, group)
             assert group["eager"] == 5000 and group["graph"] == 5000, group
-            assert group["wrong"] == 0, (rank, tp, group)
+            assert group["wrong"] == 0 and group["nan"] == 0, (rank, tp, group)
 
 
 def test_a_late_peer_in_one_tp_group_stops_that_group_only():
     results = _launch(scenarios.late_peer_in_one_group, 4, 2.0, 5.0)
-    for rank in (0, 1):  # TP group 0: rank 1 stalled
+    for rank in (0, 1):  # TP group 0: rank 1 stalled; its stopped calls are NaN, never wrong
         out = results[rank]
-        assert out["wrong"] == 0 and out["errors"], (rank, out)
+        assert out["wrong"] == 0 and out["nan"] > 0 and out["errors"], (rank, out)
         assert "group tp (ranks 0-1)" in out["errors"][0], out["errors"][0]
         assert "rank 1" in out["errors"][0], out["errors"][0]
     assert "gave up after 2s waiting for rank 1" in results[0]["errors"][0]
     assert results[0]["first_error_at"] < 2.0 + 3.0
     for rank in (2, 3):  # TP group 1 kept working, exactly, the whole time
         out = results[rank]
-        assert not out["errors"] and out["wrong"] == 0 and out["checked"] > 100, (rank, out)
+        assert not out["errors"] and out["wrong"] == out["nan"] == 0 and out["checked"] > 100, (rank, out)
 
 
 @pytest.mark.parametrize("world", (2, 4))

@@ -160,14 +160,21 @@ class Dispatcher(Communicator):
         raise CommunicatorError(f"{collective}: {self._reject(collective, view, op, root)}")
 
     def communicator_for(self, tensor: Any, op: "ReduceOp | str" = ReduceOp.SUM,
-                         collective: "Collective | str" = Collective.ALL_REDUCE) -> Optional[Communicator]:
-        """The chain member that would run ``collective`` on ``tensor``, or None."""
+                         collective: "Collective | str" = Collective.ALL_REDUCE,
+                         peer: Optional[int] = None) -> Optional[Communicator]:
+        """The chain member that would run ``collective`` on ``tensor``, or None.
+
+        ``peer``: the root of a broadcast, or the other rank of a send or recv
+        (default: 0 for a broadcast, the next rank for a send or recv).
+        """
         try:
             view, op = as_view(tensor), ReduceOp.parse(op)
         except DistribError:
             return None
         collective = Collective(collective)
-        return next((c for c in self.chain if c._reject(collective, view, op, 0) is None), None)
+        if peer is None:
+            peer = (self.rank + 1) % self.world_size if collective.is_point_to_point else 0
+        return next((c for c in self.chain if c._reject(collective, view, op, peer) is None), None)
 
     def __getitem__(self, name: str) -> Communicator:
         for comm in self.chain:

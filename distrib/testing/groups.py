@@ -37,7 +37,9 @@ class _Checked:
         self.expected = [float(total + group.world_size * (j % 13)) for j in range(captured)]
         self.inputs = [b.clone() for b in self.base]
         self.outputs = [torch.empty_like(b) for b in self.base]
+        # Elements that are neither the sum nor NaN (a stopped call's output: fail-stop's signal).
         self.wrong = torch.zeros((), dtype=torch.int64, device="cuda")
+        self.nan = torch.zeros((), dtype=torch.int64, device="cuda")
         self.checked = 0
 
     def eager(self, i: int) -> None:
@@ -51,8 +53,15 @@ class _Checked:
             out = x
         else:
             out = self.comm.all_reduce(x, out=self.outputs[j])
-        self.wrong += (out != want).sum()
+        self._count(out, want)
         self.checked += 1
+
+    def _count(self, out, want: float) -> None:
+        import torch
+
+        nan = torch.isnan(out)
+        self.wrong += ((out != want) & ~nan).sum()
+        self.nan += nan.sum()
 
     def capture(self):
         import torch
@@ -69,7 +78,7 @@ class _Checked:
             x.copy_(b).add_(shift)
         graph.replay()
         for out, want in zip(self.outputs, self.expected):
-            self.wrong += (out != want + self.group.world_size * shift).sum()
+            self._count(out, want + self.group.world_size * shift)
         self.checked += len(self.outputs)
 
 
@@ -106,6 +115,7 @@ def concurrent_tp_groups(tp_sizes: tuple = (2, 4), eager_calls: int = 5000, repl
         run.comm.check()
         out[tp] = {"ranks": run.group.ranks, "eager": eager_checked[tp],
                    "graph": run.checked - eager_checked[tp], "wrong": int(run.wrong.item()),
+                   "nan": int(run.nan.item()),
                    "name": run.group.describe()}
         run.comm.close()
     for layout in layouts.values():
@@ -126,7 +136,12 @@ def late_peer_in_one_group(timeout: float = 2.0, stall: float = 5.0) -> dict:
     ctx.coordinator.barrier()
     started = time.monotonic()
     errors, calls, first_error_at = [], 0, None
-    while time.monotonic() - started < stall + timeout + 2.0:
+    while len(errors) < 2:
+        # Every 50 calls the group's rank 0 says whether to go on (a group that stopped has left).
+        if calls and calls % 50 == 0:
+            go = time.monotonic() - started < stall + timeout + 2.0
+            if layout.tp.broadcast(b"1" if go else b"0", src=0) == b"0":
+                break
         if rank == 1 and calls == 4:
             time.sleep(stall)
         try:
@@ -136,15 +151,13 @@ def late_peer_in_one_group(timeout: float = 2.0, stall: float = 5.0) -> dict:
         except distrib.CommunicatorError as exc:
             errors.append(str(exc))
             first_error_at = first_error_at or time.monotonic() - started
-            if len(errors) >= 2:
-                break
         calls += 1
-    wrong = int(run.wrong.item())
+    wrong, nan = int(run.wrong.item()), int(run.nan.item())
     layout_ranks = layout.tp.ranks
     ctx.coordinator.barrier()
     comm.close()
     layout.close()
-    return {"group": layout_ranks, "calls": calls, "checked": run.checked, "wrong": wrong,
+    return {"group": layout_ranks, "calls": calls, "checked": run.checked, "wrong": wrong, "nan": nan,
             "errors": errors, "first_error_at": first_error_at}
 
 
