@@ -301,8 +301,8 @@ def _time_graphs(model, contender: Contender, inputs: dict, eager: dict, config:
             raise CheckFailed(f"{contender.label}: the CUDA graph of batch {b} does not reproduce its eager "
                               f"step (relative error {rel:.3g} > {rtol:g}); its captured communication is wrong")
     times = _time_steps({b: graphs[b][0].replay for b in sorted(inputs)}, config, coord, device)
-    record = probe.steady(graphs=len(graphs),
-                          captured_all_reduces=2 * len(model.weights.layers) * len(graphs))
+    per_step = 2 * len(model.weights.layers) if model.weights.tp > 1 else 0  # a TP group of one skips them
+    record = probe.steady(graphs=len(graphs), captured_all_reduces=per_step * len(graphs))
     return times, record, graph_check  # the graphs (and their pool) go with this frame
 
 
