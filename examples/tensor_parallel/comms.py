@@ -114,20 +114,18 @@ def open_contenders(flags: list[str], layout, device: torch.device, broken: Opti
     return started, skipped
 
 
-def graph_problem(contender: Contender, tensors: list[torch.Tensor], stage_index: int) -> Optional[str]:
-    """Why this rank's sends and recvs between stages cannot be captured in a CUDA graph, or None.
+def graph_problem(contender: Contender, sends: list[tuple[torch.Tensor, int]]) -> Optional[str]:
+    """Why this rank's sends between stages (tensor, peer stage) cannot be captured in a CUDA graph, or None.
 
-    Asked of distrib's pipeline communicator for the tensors a step passes
-    on: a send it would run through host memory (gloo staging a GPU tensor)
-    cannot be captured. torch.distributed's NCCL sends are taken as capturable.
+    Asked of distrib's pipeline communicator: a send it would run through
+    host memory (gloo staging a GPU tensor) cannot be captured. torch.distributed's
+    NCCL sends are taken as capturable.
     """
     comm = contender.pipeline
-    if comm is None or stage_index == 0:
-        # communicator_for asks about peer 0, which stage 0 is itself; the other
-        # stages answer for the group (the launch agrees on the answer).
+    if comm is None:
         return None
-    for t in tensors:
-        member = comm.communicator_for(t, collective="send")
+    for t, peer in sends:
+        member = comm.communicator_for(t, collective="send", peer=peer)
         if member is None:
             return f"no communicator of the pipeline group takes a {t.dtype} send on {t.device}"
         if getattr(member, "stages_cuda", False):

@@ -187,7 +187,8 @@ def _eager_on_gpu(contender: Contender, inputs: dict, stage, world) -> Optional[
     if stage.count == 1:
         return None
     x = inputs[min(inputs)]
-    why = graph_problem(contender, [x, torch.empty(x.shape[0], dtype=torch.int64, device=x.device)], stage.index)
+    tokens = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)  # what the last stage sends back
+    why = graph_problem(contender, [(tokens, 0)] if stage.is_last else [(x, stage.index + 1)])
     reasons = [r.decode() for r in world.all_gather((why or "").encode()) if r]
     return reasons[0] if reasons else None
 
