@@ -304,8 +304,8 @@ class _Suite:
                     self.lib.non_contiguous(self.dtypes[0]), after)
         if self.lib.name != "torch":
             return None
-        tensors = {"a": self.lib.to_torch(self.make(ReduceOp.SUM, self.rank, (3, 5), self.dtypes[0])),
-                   "strided": self.lib.to_torch(self.make(ReduceOp.SUM, self.rank, (4, 2), self.dtypes[-1])).t(),
+        tensors = {"a": self.make(ReduceOp.SUM, self.rank, (3, 5), self.dtypes[0]),
+                   "strided": self.make(ReduceOp.SUM, self.rank, (4, 2), self.dtypes[-1]).t(),
                    "step": self.rank, "names": ["x", "y"]}
         got: dict = {}
         self._ring(lambda: comm.send_tensor_dict(tensors, after),
@@ -313,10 +313,10 @@ class _Suite:
         self.expect(list(got) == list(tensors) and got["step"] == before and got["names"] == ["x", "y"],
                     f"recv_tensor_dict gave keys {list(got)} and values {got.get('step')!r}, {got.get('names')!r}")
         for key in ("a", "strided"):
-            want = self.lib.to_torch(self.make(ReduceOp.SUM, before, (3, 5) if key == "a" else (4, 2),
-                                                self.dtypes[0] if key == "a" else self.dtypes[-1]))
+            want = self.make(ReduceOp.SUM, before, (3, 5) if key == "a" else (4, 2),
+                             self.dtypes[0] if key == "a" else self.dtypes[-1])
             want = want if key == "a" else want.t()
-            self.expect(torch.equal(got[key].cpu(), want.cpu()) and got[key].device == want.device,
+            self.expect(got[key].device == want.device and torch.equal(got[key].cpu(), want.cpu()),
                         f"recv_tensor_dict[{key!r}] differs from what rank {before} sent")
 
     def _ring(self, send: Callable[[], Any], recv: Callable[[], Any]) -> Any:

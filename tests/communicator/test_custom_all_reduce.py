@@ -368,8 +368,10 @@ def test_conformance_of_custom_and_the_dispatcher(world, spec):
     from distrib.communicator import create
     from distrib.testing import launch_conformance
 
-    factory = "custom" if spec == "custom" else functools.partial(create, order=["custom", "nccl", "gloo"])
+    factory = "custom" if spec == "custom" else functools.partial(create, order=["custom", "ipc", "nccl", "gloo"])
     reports = launch_conformance(factory, world, graph=True, start_method="forkserver", timeout=600,
                                  **placement(world))
     for report in reports:
         assert {"all_reduce", "all_reduce_out", "cuda_graph", "caller_stream"} <= set(report.passed), report
+        if spec == "dispatcher":  # send/recv through CUDA IPC, in graphs too
+            assert {"send_recv", "send_recv_graph"} <= set(report.passed), report
