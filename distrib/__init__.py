@@ -25,6 +25,15 @@ from .runtime import Context, get_context, init, is_initialized, shutdown
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``distrib.communicator`` (and the other layers) without importing them up front."""
+    if name in ("communicator", "coordinator", "control", "testing"):
+        from importlib import import_module
+
+        return import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'distrib' has no attribute {name!r}")
+
 __all__ = [
     "CommunicatorError",
     "ConfigError",

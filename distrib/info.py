@@ -13,12 +13,16 @@ from typing import Mapping, Optional
 
 from .errors import ConfigError
 
-__all__ = ["LaunchInfo", "ENV_VARS", "SHARE_GPU_VAR", "ranks_sharing_a_gpu"]
+__all__ = ["LaunchInfo", "ENV_VARS", "SHARE_GPU_VAR", "LOCAL_GPUS_VAR", "ranks_sharing_a_gpu",
+           "members_sharing_a_gpu"]
 
 # Set in every process of a launch whose ranks share GPUs (the launchers' share_gpu), to the
 # most ranks of its node on one GPU: communicators that need a GPU per rank (NCCL) read it to
 # stand aside, and the custom all-reduce to size its kernels for every rank on a GPU.
 SHARE_GPU_VAR = "DISTRIB_SHARE_GPU"
+# Beside it: the GPU of each local rank of the node, comma-separated ("0,0,1,1"), so that a
+# group can tell whether its own members share one.
+LOCAL_GPUS_VAR = "DISTRIB_LOCAL_GPUS"
 
 # field name -> environment variable
 ENV_VARS = {
@@ -168,6 +172,28 @@ def ranks_sharing_a_gpu(environ: Optional[Mapping[str, str]] = None) -> int:
     """The most ranks of this node on one GPU, as the launcher said (``SHARE_GPU_VAR``); 1 if unset."""
     text = (os.environ if environ is None else environ).get(SHARE_GPU_VAR, "")
     return int(text) if text.isdigit() and int(text) > 0 else 1
+
+
+def members_sharing_a_gpu(info: "LaunchInfo", members, environ: Optional[Mapping[str, str]] = None) -> list:
+    """Which of ``members`` (global ranks) share a GPU with another member, as the launcher said.
+
+    Empty where ranks do not share GPUs. Members on other nodes never share one with this
+    node's; this node's are its ``local_world_size`` consecutive ranks (as every distrib
+    launcher places them). Without the launcher's map of GPUs, every member on this node
+    counts as sharing.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(SHARE_GPU_VAR, "") in ("", "0"):
+        return []
+    first = info.rank - info.local_rank
+    here = [r for r in members if first <= r < first + info.local_world_size]
+    gpus = env.get(LOCAL_GPUS_VAR, "").split(",")
+    if len(gpus) != info.local_world_size:
+        return here if len(here) > 1 else []
+    by_gpu: dict = {}
+    for rank in here:
+        by_gpu.setdefault(gpus[rank - first], []).append(rank)
+    return sorted(r for ranks in by_gpu.values() if len(ranks) > 1 for r in ranks)
 
 
 def _check(ok: bool, var: str, value, expected: str) -> None:

@@ -70,3 +70,20 @@ def test_multi_node_needs_node_rank():
            "MASTER_ADDR": "h", "MASTER_PORT": "1"}
     with pytest.raises(ConfigError, match="NODE_RANK is not set"):
         LaunchInfo.from_env(env)
+
+
+def test_members_sharing_a_gpu_follow_the_launchers_map():
+    from distrib.info import LOCAL_GPUS_VAR, SHARE_GPU_VAR, members_sharing_a_gpu
+
+    # Node 1 of two nodes of 4 ranks (ranks 4-7), GPUs 0, 0, 1, 1.
+    info = LaunchInfo(**{**BASE, "rank": 5, "world_size": 8, "local_rank": 1, "local_world_size": 4,
+                         "node_rank": 1, "nnodes": 2})
+    shared = {SHARE_GPU_VAR: "2", LOCAL_GPUS_VAR: "0,0,1,1"}
+    assert members_sharing_a_gpu(info, (4, 5), shared) == [4, 5]       # one GPU: shared
+    assert members_sharing_a_gpu(info, (5, 7), shared) == []           # GPUs 0 and 1
+    assert members_sharing_a_gpu(info, (1, 5), shared) == []           # rank 1 is on node 0
+    assert members_sharing_a_gpu(info, (5,), shared) == []             # a group of one
+    assert members_sharing_a_gpu(info, (4, 5, 6), shared) == [4, 5]
+    assert members_sharing_a_gpu(info, (4, 5), {}) == []               # GPUs not shared
+    # A sharing launch without the map: every pair on this node counts as sharing.
+    assert members_sharing_a_gpu(info, (5, 7), {SHARE_GPU_VAR: "2"}) == [5, 7]

@@ -37,3 +37,13 @@ def test_partial_environment_is_an_error_naming_the_missing_variable(clean_env):
 def test_get_context_before_init_raises(clean_env):
     with pytest.raises(distrib.ConfigError, match="has not been called"):
         distrib.get_context()
+
+
+def test_the_layers_are_attributes_of_the_package_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, distrib; c = distrib.communicator.create; k = distrib.coordinator.Coordinator; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

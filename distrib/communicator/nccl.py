@@ -10,11 +10,11 @@ this communicator is used; ``cupy-cuda12x`` and ``cupy-cuda13x`` both work.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from ..errors import CommunicatorError
-from ..info import SHARE_GPU_VAR
+from .._text import rank_list
+from ..info import SHARE_GPU_VAR, members_sharing_a_gpu
 from .api import Communicator, DeviceType, DType, ReduceOp, TensorView, communicators
 from ._tensors import _torch_stream, stream_of
 
@@ -79,8 +79,10 @@ class NcclCommunicator(Communicator):
             return "no CUDA device was given (pass device=, or launch with devices)"
         if not 0 <= device < count:
             return f"device {device} does not exist; this process sees {count} CUDA devices"
-        if os.environ.get(SHARE_GPU_VAR, "") not in ("", "0"):
-            return f"{ONE_RANK_PER_GPU}, and ranks of this launch share GPUs ({SHARE_GPU_VAR})"
+        shared = members_sharing_a_gpu(coordinator.info, coordinator.ranks)
+        if shared:
+            return (f"{ONE_RANK_PER_GPU}, and {rank_list(shared)} of {coordinator.describe()} share GPUs "
+                    f"({SHARE_GPU_VAR})")
         return None
 
     def _make_token(self) -> bytes:

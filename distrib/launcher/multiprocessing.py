@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 from .._network import loopback_gloo_env
 from .._text import format_ranks
 from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailedError, WorkerFailure
-from ..info import SHARE_GPU_VAR, LaunchInfo
+from ..info import LOCAL_GPUS_VAR, SHARE_GPU_VAR, LaunchInfo
 from .api import Launcher, launchers
 from ._devices import assign_devices, most_ranks_on_a_gpu, shares_gpus
 from ._guardian import Guardian
@@ -116,6 +116,7 @@ class MultiprocessingLauncher(Launcher):
 
                 mps = start_mps(scratch, _note)
                 shared_env = {SHARE_GPU_VAR: str(most_ranks_on_a_gpu(device_of)),
+                              LOCAL_GPUS_VAR: ",".join(str(d) for d in device_of),
                               **(mps.env if mps else {})}
             for rank in range(nprocs):
                 if signals:

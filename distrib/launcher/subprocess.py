@@ -31,7 +31,7 @@ from .._store import OneNodeStore, one_node_store
 from .._text import format_ranks
 from ..errors import (ConfigError, CoordinatorError, DistribError, DistribTimeoutError,
                       LaunchError, WorkerFailedError, WorkerFailure)
-from ..info import SHARE_GPU_VAR, LaunchInfo
+from ..info import LOCAL_GPUS_VAR, SHARE_GPU_VAR, LaunchInfo
 from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR
 from ._devices import assign_devices, auto_nprocs, most_ranks_on_a_gpu, shares_gpus
 from ._guardian import Guardian
@@ -152,6 +152,7 @@ class _Launch:
 
                 self.mps = start_mps(scratch, relay.note)
                 self.shared_env = {SHARE_GPU_VAR: str(most_ranks_on_a_gpu(self.device_of)),
+                                   LOCAL_GPUS_VAR: ",".join(str(d) for d in self.device_of),
                                    **(self.mps.env if self.mps else {})}
             guardian = Guardian.start()
             guardian.remove_later(scratch)
