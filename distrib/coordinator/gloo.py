@@ -76,17 +76,18 @@ class GlooCoordinator(Coordinator):
             self._agree_on_membership()
 
     def _agree_on_membership(self) -> None:
-        """Every member's view of the group, and where each member runs (one all-gather)."""
+        """Where every member runs, and that they all named the group alike (one all-gather).
+
+        Members with the same key have the same ranks (the key is made from them).
+        """
         import json
 
-        mine = {"ranks": list(self.ranks), "name": self.spec.name, "node": self.info.node_rank}
+        mine = {"name": self.spec.name, "node": self.info.node_rank}
         views = [json.loads(b) for b in self.all_gather(json.dumps(mine).encode())]
-        differ = [self.ranks[r] for r, view in enumerate(views)
-                  if (view["ranks"], view["name"]) != (mine["ranks"], mine["name"])]
-        if differ:
+        if any(view["name"] != mine["name"] for view in views):
             raise CoordinatorError(
-                f"{rank_list(differ)} made {self.describe()} with another name: "
-                + "; ".join(f"rank {self.ranks[r]} named it {v['name']!r}" for r, v in enumerate(views))
+                f"the members of {self.describe()} named it differently: "
+                + "; ".join(f"rank {self.ranks[r]}: {v['name']!r}" for r, v in enumerate(views))
                 + ". Every member must create its groups alike.")
         self._nodes = [view["node"] for view in views]
         self._place(self._nodes)
