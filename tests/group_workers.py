@@ -8,6 +8,7 @@ import torch
 
 import distrib
 from distrib import communicator
+from distrib.control.channel import ChannelClosed
 
 
 def layout_collectives(tp, pp, dp):
@@ -29,7 +30,15 @@ def layout_collectives(tp, pp, dp):
         scattered = comm.reduce_scatter(torch.arange(2.0 * group.world_size) + world.rank)
         channel = group.broadcast_channel(src=0, timeout=30)
         message = channel.broadcast({"from": world.rank} if channel.is_writer else None)
-        channel.close()
+        closed = None
+        if channel.is_writer:
+            channel.close()
+        else:
+            try:
+                channel.recv()
+            except ChannelClosed as exc:  # names the writer by its global rank
+                closed = str(exc)
+            channel.close()
         group.barrier()
         group.local_barrier()
         out[name] = {
@@ -43,6 +52,7 @@ def layout_collectives(tp, pp, dp):
             "comm_broadcast": y.unique().tolist(),
             "reduce_scatter": scattered.tolist(),
             "channel": message,
+            "channel_closed": closed,
             "describe": group.describe(),
         }
         comm.close()
@@ -226,3 +236,18 @@ def conformance_on_group():
         return None
     report = run_conformance("gloo", coordinator=group)
     return report.passed, report.skipped
+
+
+def dies_before_its_group(how):
+    """Rank 3 dies (``how``: "exit" or "raise") while rank 1 waits for it in the start of their group."""
+    import os
+
+    ctx = distrib.init()
+    world = ctx.coordinator
+    if world.rank == 3:
+        time.sleep(0.5)
+        if how == "exit":
+            os._exit(7)
+        raise RuntimeError("rank 3 fails before its group")
+    world.group([1, 3], name="pair")  # the default timeout: 300 s
+    time.sleep(600)

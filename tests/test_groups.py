@@ -40,6 +40,8 @@ def test_tp2_pp2_dp2_on_eight_ranks_every_group_collective_is_exact():
             whole = sum(torch.arange(4.0) + r for r in ranks)
             assert group["reduce_scatter"] == whole.view(2, 2)[ranks.index(rank)].tolist()
             assert group["channel"] == {"from": ranks[0]}
+            if rank != ranks[0]:
+                assert f"the writer (rank {ranks[0]}) closed" in group["channel_closed"], group
             assert group["describe"] == f"group {name} (ranks {ranks[0]}, {ranks[1]})" \
                 or group["describe"] == f"group {name} (ranks {ranks[0]}-{ranks[1]})"
 
@@ -105,6 +107,18 @@ def test_a_group_member_that_never_arrives_is_named_by_global_rank():
     assert out["missing"] == (3,), out
     assert "rank 3 never arrived" in out["message"] and "group pair (ranks 1, 3)" in out["message"]
     assert timeout <= out["after"] < timeout + 5
+
+
+@pytest.mark.parametrize("how", ["exit", "raise"])
+def test_a_member_that_dies_before_its_group_ends_the_launch_at_once_naming_it(how):
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(distrib.WorkerFailedError) as info:
+        distrib.launch(group_workers.dies_before_its_group, 4, args=(how,), **FAST)
+    assert time.monotonic() - start < 20  # not the group's 300 s timeout
+    root = str(info.value).splitlines()[0]
+    assert "rank 3" in root and "root cause" in root, str(info.value)
 
 
 def test_a_member_that_never_creates_the_group_communicator_is_named():

@@ -60,8 +60,9 @@ class BroadcastChannel:
 
     def __init__(self, *, rank: int, src: int, timeout: float, local_readers: tuple[int, ...],
                  remote_readers: tuple[int, ...], ring=None, publisher=None, subscriber=None,
-                 endpoint: Optional[str] = None):
+                 endpoint: Optional[str] = None, names: Optional[tuple] = None):
         self.rank, self.src, self.timeout = rank, src, timeout
+        self._names = names  # the global rank of each rank of the channel's coordinator
         self.local_readers, self.remote_readers = local_readers, remote_readers
         self.endpoint = endpoint  # the writer's zmq endpoint; None without remote readers
         self._ring, self._publisher, self._subscriber = ring, publisher, subscriber
@@ -83,6 +84,8 @@ class BroadcastChannel:
         from ._shm_ring import RingReader, RingWriter
 
         rank, world = coordinator.rank, coordinator.world_size
+        # Rank r of a group is global rank names[r]: what the ends' messages say.
+        names = tuple(getattr(coordinator, "ranks", range(world)))
         seconds = _default_timeout(coordinator) if timeout is None else timeout
         problem = _argument_problem(src, chunk_bytes, chunks, seconds, world)
         setup = None if problem or math.isinf(seconds) else seconds  # inf: the coordinator's own bound
@@ -91,7 +94,7 @@ class BroadcastChannel:
         peers = [codec.decode(b) for b in coordinator.all_gather(mine, timeout=setup)]
         bad = {r: p["error"] for r, p in enumerate(peers) if p["error"]}
         if bad:
-            raise ConfigError("broadcast_channel: " + "; ".join(f"rank {r}: {e}" for r, e in bad.items()))
+            raise ConfigError("broadcast_channel: " + "; ".join(f"rank {names[r]}: {e}" for r, e in bad.items()))
         node = peers[src]["node"]
         local = tuple(r for r in range(world) if r != src and shared_memory and peers[r]["node"] == node)
         remote = tuple(r for r in range(world) if r != src and r not in local)
@@ -104,27 +107,27 @@ class BroadcastChannel:
                 try:
                     if local:
                         ring = RingWriter.create(chunks=chunks, chunk_bytes=chunk_bytes,
-                                                 readers=[(r, peers[r]["pid"]) for r in local])
+                                                 readers=[(names[r], peers[r]["pid"]) for r in local])
                         offer["path"] = ring.path
                     if remote:
-                        publisher = _publisher(coordinator.info, remote, hwm)
+                        publisher = _publisher(coordinator.info, tuple(names[r] for r in remote), hwm)
                         offer["endpoint"] = publisher.endpoint
                 except Exception as exc:  # reported to every rank just below
                     offer = {"error": _describe(exc)}
             offer = codec.decode(coordinator.broadcast(codec.encode(offer) if rank == src else b"",
                                                        src=src, timeout=setup))
             if offer.get("error"):
-                raise CoordinatorError(f"broadcast_channel: the writer (rank {src}) could not set up "
+                raise CoordinatorError(f"broadcast_channel: the writer (rank {names[src]}) could not set up "
                                        f"the channel: {offer['error']}")
             # 3. The readers open their ends; then everyone learns whether all did.
             error = None
             try:
                 if rank in local:
                     ring = RingReader(offer["path"], local.index(rank), chunks=chunks,
-                                      chunk_bytes=chunk_bytes, readers=len(local), writer_rank=src,
+                                      chunk_bytes=chunk_bytes, readers=len(local), writer_rank=names[src],
                                       writer_pid=peers[src]["pid"], max_bytes=MAX_MESSAGE_BYTES)
                 elif rank in remote:
-                    subscriber = _subscriber(coordinator.info, offer["endpoint"], rank, src, hwm)
+                    subscriber = _subscriber(coordinator.info, offer["endpoint"], names[rank], names[src], hwm)
             except Exception as exc:  # reported to every rank just below
                 error = _describe(exc)
             errors = [codec.decode(b) for b in coordinator.all_gather(codec.encode(error), timeout=setup)]
@@ -133,7 +136,7 @@ class BroadcastChannel:
             failed = {r: e for r, e in enumerate(errors) if e}
             if failed:
                 raise CoordinatorError("broadcast_channel: readers could not join: "
-                                       + "; ".join(f"rank {r}: {e}" for r, e in failed.items()))
+                                       + "; ".join(f"rank {names[r]}: {e}" for r, e in failed.items()))
             # 4. No message may be sent before every remote reader is subscribed.
             if remote:
                 verdict = None
@@ -143,7 +146,7 @@ class BroadcastChannel:
                     except DistribTimeoutError as exc:
                         verdict = {"error": str(exc), "missing": list(exc.missing)}
                     except Exception as exc:  # reported to every rank just below
-                        verdict = {"error": f"the writer (rank {src}): {_describe(exc)}", "missing": []}
+                        verdict = {"error": f"the writer (rank {names[src]}): {_describe(exc)}", "missing": []}
                 verdict = codec.decode(coordinator.broadcast(codec.encode(verdict) if rank == src else b"",
                                                              src=src, timeout=setup))
                 if verdict and verdict["missing"]:
@@ -159,7 +162,7 @@ class BroadcastChannel:
             raise
         return cls(rank=rank, src=src, timeout=seconds, local_readers=local, remote_readers=remote,
                    ring=ring, publisher=publisher, subscriber=subscriber,
-                   endpoint=offer.get("endpoint"))
+                   endpoint=offer.get("endpoint"), names=names)
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -187,7 +190,8 @@ class BroadcastChannel:
         """
         self._check_open()
         if not self.is_writer:
-            raise CoordinatorError(f"send() on rank {self.rank}: only the writer (rank {self.src}) sends "
+            raise CoordinatorError(f"send() on rank {self._name(self.rank)}: only the writer (rank "
+                                   f"{self._name(self.src)}) sends "
                                    "on this channel; readers call recv() or broadcast()")
         if self._broken:
             raise CoordinatorError(f"this broadcast channel is broken ({self._broken}); close it and "
@@ -221,20 +225,20 @@ class BroadcastChannel:
         """
         self._check_open()
         if self.is_writer:
-            raise CoordinatorError(f"recv() on rank {self.rank}, the writer of this channel; only "
+            raise CoordinatorError(f"recv() on rank {self._name(self.rank)}, the writer of this channel; only "
                                    "readers receive. Use broadcast() to run the same code on every rank")
         end = self._ring if self._ring is not None else self._subscriber
         deadline = self._deadline(timeout)
         while True:
             data = end.read(deadline)
             if data is None:
-                raise ChannelClosed(f"the writer (rank {self.src}) closed this broadcast channel; "
+                raise ChannelClosed(f"the writer (rank {self._name(self.src)}) closed this broadcast channel; "
                                     "every message it sent has been received")
             try:
                 return codec.decode(data, MAX_MESSAGE_BYTES)
             except codec.MessageError as exc:
                 logger.warning("broadcast channel: rank %d dropped a malformed message from the "
-                               "writer (rank %d): %s", self.rank, self.src, exc)
+                               "writer (rank %d): %s", self._name(self.rank), self._name(self.src), exc)
 
     def broadcast(self, obj: Any = None, timeout: Optional[float] = None) -> Any:
         """On the writer: send ``obj`` and return it. On a reader: return the next message."""
@@ -273,7 +277,11 @@ class BroadcastChannel:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ChannelClosed(f"this broadcast channel was closed on rank {self.rank}")
+            raise ChannelClosed(f"this broadcast channel was closed on rank {self._name(self.rank)}")
+
+    def _name(self, rank: int) -> int:
+        """The global rank of ``rank`` (a rank of the channel's coordinator), for messages."""
+        return self._names[rank] if self._names is not None else rank
 
     def _deadline(self, timeout: Optional[float]) -> float:
         seconds = self.timeout if timeout is None else timeout
