@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distrib.bench custom-crossover", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nprocs", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=None, help="output directory (default: a temporary one)")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--min-bytes", type=int, default=1 * KB)
     parser.add_argument("--max-bytes", type=int, default=64 << 20)
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lamport-cap", type=int, default=1 << 20)
     parser.add_argument("--max-blocks", type=int, default=None, help="thread blocks (default: the table's)")
     args = parser.parse_args(argv)
+    args.out = args.out or tempfile.mkdtemp(prefix="distrib-bench-custom-crossover-")
     sizes, s = [], args.min_bytes
     while s <= args.max_bytes:
         sizes.append(s)
@@ -147,6 +149,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
         f.write(_table(meta, rows))
     print(_table(meta, rows))
+    print(f"wrote {os.path.join(args.out, tag)}.json, .md", file=sys.stderr)
     return 0
 
 

@@ -144,10 +144,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1 << 10, 8 << 10, 32 << 10],
                         help="bytes (bfloat16); Lamport takes up to 32 KiB at 8 ranks")
     parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=None, help="output directory (default: a temporary one)")
     parser.add_argument("--head", default=None, help="what to call the working tree's kernels "
                                                      "(default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
+    args.out = args.out or tempfile.mkdtemp(prefix="distrib-bench-kernel-ab-")
     record = {"meta": {"algorithm": args.algorithm, "gpu": _gpu_name(), "gpus": visible_gpus(),
                        "head": args.head or _commit(), "date": datetime.now(timezone.utc).isoformat(),
                        "command": "python -m distrib.bench kernel-ab " + " ".join(argv or []),
