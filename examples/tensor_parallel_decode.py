@@ -4,6 +4,7 @@
     python examples/tensor_parallel_decode.py --nprocs 2 --model llama-8b --comm dispatcher,torch
     distrib-run --nprocs 4 examples/tensor_parallel_decode.py --model llama-70b
     python examples/tensor_parallel_decode.py --device cpu         # 2 CPU ranks, tiny model, gloo
+    python examples/tensor_parallel_decode.py --devices 0,0        # TP=2 on one GPU: the largest model that fits
     python examples/tensor_parallel_decode.py --compile            # the decode step through torch.compile
     python examples/tensor_parallel_decode.py --device cpu --pp 2 --check-tp1   # TP=2 x PP=2 on 4 CPU ranks
     distrib-run --nprocs 8 examples/tensor_parallel_decode.py --pp 2           # TP=4 x PP=2 on 8 GPUs
@@ -35,7 +36,15 @@ communicator disabled): those steps are timed eager, and the output says
 so. ``--compile`` compiles each stage's layers and head; the sends between
 stages stay eager. Every contender runs with stages; torch.distributed's
 and distrib's NCCL need one GPU per rank (NCCL refuses shared GPUs).
-Results go to ``benchmarks/results/<N>x<GPU>/tp<T>-pp<P>`` unless ``--out``.
+Results go to ``./tp-decode-results/<N>x<GPU>/tp<T>-pp<P>`` (under the current
+directory, never the source tree) unless ``--out``.
+
+Ranks that share a GPU (``--devices 0,0``, or ``distrib-run --share-gpu``)
+share its memory: without ``--model`` they build the largest model whose
+layers all fit in its free memory (every rank's shard, the unsplit model of
+the TP=1 check, and a reserve per rank; ``tensor_parallel/fit.py``), and say
+which. A named model gets as many layers as fit, and one that does not fit at
+all is an error naming the sizes, before any rank builds its part.
 
 Before timing, every communicator must give the same logits (within bf16
 tolerance) and exact sums; ``--check-tp1`` also compares the logits with
@@ -64,12 +73,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import distrib
+from distrib.info import ranks_sharing_a_gpu
 from tensor_parallel import report
 from tensor_parallel.comms import COMM_FLAGS
 from tensor_parallel.measure import run_rank
 from tensor_parallel.model import SHAPES
 
-REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = "tp-decode-results"  # under the current directory
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -106,12 +116,14 @@ def rank_main(config: dict) -> Optional[dict]:
     split = f"tp{record['tp']}" + (f"-pp{record['pp']}" if record["pp"] > 1 else "")
     folder = (f"{meta['gpus']}x{device_tag}/shared-{split}" if config.get("shared_gpu")
               else f"{ranks}x{device_tag}" + (f"/{split}" if record["pp"] > 1 else ""))
-    out = Path(config["out"]) if config["out"] else REPO / "benchmarks" / "results" / folder
+    out = Path(config["out"]) if config["out"] else Path(config["default_out"]) / folder
     print(report.console(summary), flush=True)
     if config.get("shared_gpu"):
         print(f"NOTE: {meta['shared_gpu']}.", flush=True)
     for line in report.write(summary, out):
         print(line, file=sys.stderr)
+    if not config["out"]:
+        print(f"[tp-decode] results in {out} (--out chooses another folder)", file=sys.stderr)
     return {"out": str(out), "check_passed": summary["check"]["passed"]}
 
 
@@ -144,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--comm", type=_comms, default=COMM_FLAGS, metavar="{dispatcher,nccl,torch,all}",
                         help="communicators to run, comma-separated (default all, one after another, same weights)")
     parser.add_argument("--model", choices=sorted(SHAPES), default=None,
-                        help="shape preset (default llama-70b on GPUs, tiny on CPUs)")
+                        help="shape preset (default llama-70b on GPUs, tiny on CPUs; where ranks share a GPU, "
+                             "the largest whose layers fit in its free memory)")
     parser.add_argument("--layers", type=int, default=None,
                         help="build this many layers (default the preset's; fewer where GPU memory requires)")
     parser.add_argument("--batch-sizes", type=_batch_sizes, default=DEFAULT_BATCH_SIZES,
@@ -166,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also check the logits against one unsplit model on rank 0 (TP=1, PP=1; on "
                              "by default when ranks share a GPU)")
     parser.add_argument("--out", default=None,
-                        help="output directory (default benchmarks/results/<N>x<GPU>, e.g. 4xH200, and "
-                             "<N>x<GPU>/tp<T>-pp<P> with --pp)")
+                        help=f"output directory (default ./{DEFAULT_OUT}/<N>x<GPU> under the current "
+                             "directory, e.g. 4xH200, and <N>x<GPU>/tp<T>-pp<P> with --pp)")
     parser.add_argument("--seed", type=int, default=0, help="weights, KV cache and inputs (default 0)")
     parser.add_argument("--check-rtol", type=float, default=0.15,
                         help="largest relative error between communicators' logits (default 0.15; "
@@ -226,12 +239,16 @@ def config_from(args: argparse.Namespace, world_size: Optional[int]) -> dict:
     if args.break_handoff and pp == 1:
         raise SystemExit("--break-handoff breaks the sends between pipeline stages; it needs --pp 2 or more")
     tp = nprocs // pp
-    model = args.model or ("llama-70b" if device == "cuda" else "tiny")
-    problem = SHAPES[model].problem_with(tp)
-    if problem is not None:
-        raise SystemExit(f"--model {model} on {tp} ranks per stage: {problem}")
-    layers = args.layers or SHAPES[model].layers
-    if layers < pp:
+    # Ranks sharing a GPU (--devices 0,0; distrib-run --share-gpu, where the launcher says so) get no
+    # default model: the ranks pick the largest that fits in its free memory (tensor_parallel/fit.py).
+    sharing = shared or (world_size is not None and device == "cuda" and ranks_sharing_a_gpu() > 1)
+    model = args.model or (None if sharing else "llama-70b" if device == "cuda" else "tiny")
+    if model is not None:
+        problem = SHAPES[model].problem_with(tp)
+        if problem is not None:
+            raise SystemExit(f"--model {model} on {tp} ranks per stage: {problem}")
+    layers = args.layers or (SHAPES[model].layers if model else None)
+    if layers is not None and layers < pp:
         raise SystemExit(f"--pp {pp}: {layers} layers cannot be cut into {pp} stages of at least one layer each")
     from distrib.bench.allreduce import git_commit
 
@@ -239,7 +256,7 @@ def config_from(args: argparse.Namespace, world_size: Optional[int]) -> dict:
             "warmup": warmup, "comms": list(comms), "device": device, "nprocs": nprocs, "pp": pp, "seed": args.seed,
             "devices": devices, "shared_gpu": shared, "check_tp1": args.check_tp1 or shared,
             "check_rtol": args.check_rtol, "break_comm": args.break_comm, "break_handoff": args.break_handoff,
-            "out": args.out, "compile": args.compile,
+            "out": args.out, "default_out": os.path.abspath(DEFAULT_OUT), "compile": args.compile,
             "commit": args.commit or git_commit(), "host": platform.node(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -256,13 +273,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if gpu:
         os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by every rank: NVLink multicast stays off
     split = f" (TP={config['nprocs'] // config['pp']} x PP={config['pp']})" if config["pp"] > 1 else ""
-    print(f"[tp-decode] launching {config['nprocs']} {config['device']} ranks{split}: {config['model']}, "
+    model = config["model"] or "the largest model that fits in the shared GPU's free memory"
+    print(f"[tp-decode] launching {config['nprocs']} {config['device']} ranks{split}: {model}, "
           f"{','.join(config['comms'])}", file=sys.stderr, flush=True)
     try:
         results = distrib.launch(rank_main, config["nprocs"], args=(config,), timeout=args.timeout,
                                  devices=(config["devices"] if gpu else "cpu"), share_gpu=config["shared_gpu"],
                                  start_method="spawn" if gpu else "forkserver")
     except distrib.WorkerFailedError as exc:
+        root = exc.root_cause
+        if (root.exc_type or "").rsplit(".", 1)[-1] == "DoesNotFit":  # every rank said it; no traceback needed
+            print(f"[tp-decode] {root.message}", file=sys.stderr)
+            return 2
         print(f"[tp-decode] failed: {exc}", file=sys.stderr)
         return 1
     return 0 if results[0]["check_passed"] else 1

@@ -7,7 +7,13 @@
   against each other, times them, and writes its record; so does one on 4
   ranks as TP=2 x PP=2, checked against the unsplit model;
 - the check can fail: a communicator whose all-reduce is a no-op stops the
-  run, and so does a pipeline stage that sends zeros.
+  run, and so does a pipeline stage that sends zeros;
+- by default the record goes under the current directory, never into the
+  repository; a missing matplotlib is said once, with the install hint;
+- where ranks share a GPU, the model is the largest that fits in its free
+  memory (a pure choice, tested here with the byte counts of an H100 and an
+  H200; never run on a GPU by these tests), and a named one that does not fit
+  is an error naming the sizes.
 """
 from __future__ import annotations
 
@@ -17,10 +23,12 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
 SCRIPT = EXAMPLES / "tensor_parallel_decode.py"
 
 
@@ -147,17 +155,29 @@ def test_shapes_that_cannot_be_split_are_refused(model):
         model.DecoderWeights(model.SHAPES["tiny"], 3, 0, 1, "cpu")
 
 
-def _run_example(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def _run_example(tmp_path: Path, *extra: str, out: bool = True) -> subprocess.CompletedProcess:
+    """The example on 2 CPU ranks, run from ``tmp_path``; its record in ``tmp_path`` (``out``) or where it chooses."""
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--nprocs", "2", "--model", "tiny",
-         "--batch-sizes", "1,4", "--steps", "3", "--warmup", "1", "--out", str(tmp_path),
+         "--batch-sizes", "1,4", "--steps", "3", "--warmup", "1", *(["--out", str(tmp_path)] if out else []),
          "--commit", "test-commit", *extra],
-        capture_output=True, text=True, timeout=180)
+        capture_output=True, text=True, timeout=180, cwd=tmp_path)
+
+
+def _files_under(*folders: Path) -> set:
+    return {p for folder in folders for p in folder.rglob("*") if "__pycache__" not in p.parts}
 
 
 def test_cpu_smoke_run_checks_times_and_writes_its_record(tmp_path):
-    result = _run_example(tmp_path)
+    in_repo = _files_under(REPO / "benchmarks", EXAMPLES)
+    result = _run_example(tmp_path, out=False)
     assert result.returncode == 0, result.stdout + result.stderr
+    # Without --out: under the current directory (here tmp_path), said so; nothing new in the repository.
+    out = tmp_path / "tp-decode-results" / "2xCPU"
+    assert f"[tp-decode] results in {out} (--out chooses another folder)" in result.stderr
+    assert _files_under(REPO / "benchmarks", EXAMPLES) == in_repo
+    assert {p.name for p in _files_under(tmp_path)} >= {"tp-decode-results", "2xCPU", "tp-decode-tiny.json"}
+    tmp_path = out
     summary = json.loads((tmp_path / "tp-decode-tiny.json").read_text())
     meta, check = summary["meta"], summary["check"]
     assert meta["commit"] == "test-commit" and meta["tp"] == 2 and meta["device"] == "cpu"
@@ -182,7 +202,9 @@ def test_cpu_smoke_run_checks_times_and_writes_its_record(tmp_path):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert "no plot" in result.stderr
+        # Said once, with the extra that installs it; no traceback.
+        assert result.stderr.count("matplotlib") == 1 and "Traceback" not in result.stderr
+        assert "no plot: matplotlib is not installed (pip install 'distrib[bench]')" in result.stderr
     else:
         assert (tmp_path / "tp-decode-tiny.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -261,3 +283,159 @@ def test_shared_gpus_are_for_gpus():
     result = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--devices", "0,0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "--devices names GPUs" in result.stderr
+
+
+# -- a missing matplotlib ---------------------------------------------------------------
+
+def test_without_matplotlib_the_record_is_written_and_the_plot_skipped_once(model, monkeypatch, tmp_path):
+    from tensor_parallel import report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # "import matplotlib" raises ImportError
+    monkeypatch.setattr(report, "markdown", lambda summary: "table\n")
+    lines = report.write({"meta": {"model": {"name": "tiny"}}}, tmp_path)
+    assert lines == [f"wrote {tmp_path / 'tp-decode-tiny.json'}", f"wrote {tmp_path / 'tp-decode-tiny.md'}",
+                     "no plot: matplotlib is not installed (pip install 'distrib[bench]')"]
+    assert not (tmp_path / "tp-decode-tiny.png").exists()
+
+
+# -- the model that fits where ranks share a GPU ---------------------------------------------
+
+def _gpu(fit, free_gib: float, total_gib: float, ranks: int, unsplit: bool = True):
+    return fit.Gpu(free=int(free_gib * fit.GIB), total=int(total_gib * fit.GIB), ranks=ranks, unsplit=unsplit,
+                   name="GPU 0")
+
+
+@pytest.fixture
+def fit(model):
+    from tensor_parallel import fit
+    return fit
+
+
+def test_what_a_gpu_must_hold_counts_every_rank_on_it_and_the_unsplit_model(model, fit):
+    shape, gib = model.SHAPES["llama-70b"], fit.GIB
+    per_layer, head = shape.bytes_per_rank(2, 64)
+    whole_layer, whole_head = shape.bytes_per_rank(1, 64)
+    alone = fit.needed(shape, 80, 2, 1, 64, _gpu(fit, 78.5, 79.2, ranks=1, unsplit=False))
+    assert alone == 80 * per_layer + head + 8 * gib  # 8 GiB kept free per rank (6 % of 79 GiB is less)
+    shared = fit.needed(shape, 80, 2, 1, 64, _gpu(fit, 78.5, 79.2, ranks=2))
+    assert shared == 2 * alone + 80 * whole_layer + whole_head
+    # A stage holds ceil(L / pp) layers: 41 of 81 in two stages.
+    assert fit.needed(shape, 81, 2, 2, 64, _gpu(fit, 78.5, 79.2, ranks=1, unsplit=False)) == \
+        41 * per_layer + head + 8 * gib
+    assert fit.reserve(int(141 * gib)) == int(0.06 * int(141 * gib))  # an H200: 8.5 GiB
+
+
+def test_ranks_sharing_an_h100_get_the_largest_model_that_fits(model, fit):
+    # What killed the example: 2 ranks on one 80 GB H100, each building 39 GiB of llama-70b.
+    h100 = _gpu(fit, 78.5, 79.2, ranks=2)
+    chosen = fit.choose(model.SHAPES, None, None, 2, 1, 64, [h100])
+    assert (chosen.shape.name, chosen.shape.layers) == ("llama-8b", 32)
+    assert fit.needed(chosen.shape, 32, 2, 1, 64, h100) <= h100.free
+    assert chosen.layers_note == "32 of 32 layers (all)"
+    assert chosen.model_note.startswith("llama-8b, the largest model whose 32 layers fit (llama-70b would need ")
+    assert "of the 78.5 GiB free on GPU 0 (shared by 2 ranks)); --model names another" in chosen.model_note
+    # So on one shared 141 GB H200 (llama-70b's unsplit model alone is 140 GiB), at TP=2 x PP=2 too.
+    h200 = _gpu(fit, 139.5, 140.0, ranks=4)
+    assert fit.choose(model.SHAPES, None, None, 2, 2, 64, [h200]).shape.name == "llama-8b"
+    # Without the unsplit model and with room for it all: llama-70b; with little room: tiny.
+    assert fit.choose(model.SHAPES, None, None, 2, 1, 64, [_gpu(fit, 400, 400, 2, unsplit=False)]).shape.name \
+        == "llama-70b"
+    small = fit.choose(model.SHAPES, None, None, 2, 1, 64, [_gpu(fit, 20, 24, ranks=2)])
+    assert (small.shape.name, small.shape.layers) == ("tiny", 4)
+    assert "llama-8b would need" in small.model_note  # the next larger one, passed over
+
+
+def test_when_no_model_fits_whole_the_smallest_gets_the_layers_that_fit(model, fit):
+    # 8 ranks at TP=8 on one H100: tiny cannot be split 8 ways; llama-8b gets what fits.
+    chosen = fit.choose(model.SHAPES, None, None, 8, 1, 64, [_gpu(fit, 78.5, 79.2, ranks=8)])
+    assert chosen.shape.name == "llama-8b" and 1 <= chosen.shape.layers < 32
+    assert chosen.model_note.startswith("llama-8b, the smallest model that splits 8 ways")
+    assert chosen.layers_note.startswith(f"{chosen.shape.layers} of 32 layers: limited by GPU memory (78.5 GiB "
+                                         "free on GPU 0 (shared by 8 ranks)")
+    with pytest.raises(fit.DoesNotFit, match="none of the models .* can be split 3 ways"):
+        fit.choose(model.SHAPES, None, None, 3, 1, 64, [_gpu(fit, 78.5, 79.2, ranks=3)])
+
+
+def test_a_named_model_gets_the_layers_that_fit_or_a_clear_error(model, fit):
+    h100 = _gpu(fit, 78.5, 79.2, ranks=2)
+    cut = fit.choose(model.SHAPES, "llama-70b", None, 2, 1, 64, [h100])
+    assert cut.model_note is None and 1 < cut.shape.layers < 80
+    assert fit.needed(cut.shape, cut.shape.layers, 2, 1, 64, h100) <= h100.free \
+        < fit.needed(cut.shape, cut.shape.layers + 1, 2, 1, 64, h100)
+    assert cut.layers_note.startswith(f"{cut.shape.layers} of 80 layers: limited by GPU memory")
+    assert fit.choose(model.SHAPES, "llama-8b", 8, 2, 1, 64, [h100]).layers_note == "8 of 32 layers (--layers 8)"
+    # No GPUs (CPU ranks): no memory limit.
+    assert fit.choose(model.SHAPES, "llama-70b", None, 2, 1, 64, []).shape.layers == 80
+    # Not even one layer per stage: an error that names --model and the sizes.
+    with pytest.raises(fit.DoesNotFit) as error:
+        fit.choose(model.SHAPES, "llama-70b", None, 2, 4, 64, [_gpu(fit, 78.5, 79.2, ranks=8)])
+    message = str(error.value)
+    assert message.startswith("--model llama-70b does not fit: even one layer per pipeline stage needs ")
+    assert "on GPU 0 (shared by 8 ranks) (8 ranks x (0.88 GiB per layer with its KV cache + 0.98 GiB of LM " \
+           "head + 8.0 GiB kept free) + " in message
+    assert "for the unsplit model of the TP=1 check on rank 0), and 78.5 GiB is free. Name a smaller --model" \
+        in message
+
+
+def test_the_ranks_gather_what_each_gpu_has_free_and_agree(model, fit, monkeypatch):
+    import torch
+    from tensor_parallel import measure
+
+    gib = fit.GIB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(78.5 * gib), int(79.2 * gib)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="GPU-1234"))
+
+    class World:  # 4 ranks: 0 and 1 on this GPU, 2 and 3 on GPU 1, with less free
+        rank, node_rank, nnodes = 0, 0, 1
+
+        def __init__(self, other_free_gib: float):
+            self.other_free = int(other_free_gib * gib)
+
+        def all_gather(self, data: bytes) -> list:
+            mine = json.loads(data)
+            other = dict(mine, gpu="0/GPU-5678", name="GPU 1", free=self.other_free)
+            return [json.dumps(dict(row, rank=r)).encode() for r, row in enumerate((mine, mine, other, other))]
+
+    gpus = fit.gpus_from([json.loads(r) for r in World(60).all_gather(json.dumps(
+        {"gpu": "0/GPU-1234", "name": "GPU 0", "free": 5, "total": 9}).encode())], unsplit_rank=0)
+    assert [(g.name, g.ranks, g.free, g.unsplit) for g in gpus] == [("GPU 0", 2, 5, True),
+                                                                    ("GPU 1", 2, int(60 * gib), False)]
+    config, cuda = {"model": None, "layers": None, "check_tp1": True}, torch.device("cuda", 0)
+    assert measure._fit(config, 2, 2, 64, cuda, World(60)).shape.name == "llama-8b"
+    # What does not fit raises the same error on every rank, before any builds its part of the model.
+    with pytest.raises(fit.DoesNotFit, match=r"^tiny does not fit: .* on GPU 1 \(shared by 2 ranks\)"):
+        measure._fit(config, 2, 2, 64, cuda, World(12))
+    with pytest.raises(fit.DoesNotFit, match=r"^--model llama-70b does not fit: .* on GPU 1 "):
+        measure._fit({**config, "model": "llama-70b"}, 2, 2, 64, cuda, World(12))
+
+
+def test_ranks_sharing_a_gpu_get_no_default_model(model, monkeypatch):
+    import torch
+    import tensor_parallel_decode as script
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def config(*argv: str, share: str = "") -> dict:
+        monkeypatch.setenv("DISTRIB_SHARE_GPU", share)
+        return script.config_from(script.build_parser().parse_args(["--device", "cuda", *argv]), 2)
+
+    assert config()["model"] == "llama-70b"            # a GPU per rank: the default
+    assert config(share="2")["model"] is None           # distrib-run --share-gpu: the ranks choose
+    assert config("--model", "llama-8b", share="2")["model"] == "llama-8b"
+
+
+def test_a_model_that_does_not_fit_is_one_line_not_a_traceback(model, monkeypatch, capsys):
+    import distrib
+    import tensor_parallel_decode as script
+
+    message = "--model llama-70b does not fit: even one layer per pipeline stage needs 99.0 GiB on GPU 0"
+
+    def launch(*args, **kwargs):
+        raise distrib.WorkerFailedError([distrib.errors.WorkerFailure(
+            rank=0, timestamp=0.0, exc_type="tensor_parallel.fit.DoesNotFit", message=message,
+            traceback="Traceback (most recent call last): ...")])
+
+    monkeypatch.setattr(script.distrib, "launch", launch)
+    assert script.main(["--device", "cpu", "--commit", "test"]) == 2
+    err = capsys.readouterr().err
+    assert f"[tp-decode] {message}\n" in err and "Traceback" not in err

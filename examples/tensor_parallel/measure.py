@@ -5,10 +5,11 @@ Every rank calls :func:`run_rank` with the same config. Contract:
 1. the ranks form ``distrib.parallel.layout(tp, pp)`` (``tp`` = ranks / ``pp``):
    TP groups of consecutive ranks, one pipeline group per TP rank; every
    contender (see ``comms.py``) starts on every rank, or is skipped on all;
-2. the number of layers is the preset's, or ``--layers``, or fewer where GPU
-   memory requires (the smallest that fits on every rank, with ``pp`` stages
-   sharing them), and is reported; stage ``s`` holds layers
-   ``[s L / pp, (s + 1) L / pp)``;
+2. the model is ``--model``, or, where none is named (ranks sharing a GPU),
+   the largest that fits; the number of layers is the preset's, or
+   ``--layers``, or fewer where GPU memory requires (what fits on every GPU,
+   counting every rank on it; see ``fit.py``); both are reported; stage ``s``
+   holds layers ``[s L / pp, (s + 1) L / pp)``;
 3. checks, before any timing (see ``checks.py``): exact all-reduces, every
    contender's logits against the reference's, optionally against one
    unsplit model; on GPUs, each captured graph's first replay gives its eager
@@ -46,13 +47,12 @@ import torch
 
 from .checks import CheckFailed, agree, check_against_unsplit, check_contenders
 from .comms import Contender, graph_problem, open_contenders
-from .model import (SHAPES, DecoderWeights, ModelShape, TensorParallelDecoder, decode_inputs, pipeline_stage,
-                    run_stage)
+from .fit import Fit, choose, gpus_from
+from .model import SHAPES, DecoderWeights, TensorParallelDecoder, decode_inputs, pipeline_stage, run_stage
 
 __all__ = ["CheckFailed", "run_rank"]
 
 MIB = 1 << 20
-GIB = 1 << 30
 
 
 def run_rank(config: dict) -> Optional[dict]:
@@ -80,11 +80,10 @@ def run_rank(config: dict) -> Optional[dict]:
         # N ranks share the cores: N x all-cores threads would only fight.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.info.local_world_size))
     say = _Say(ctx.rank)
-    shape = SHAPES[config["model"]]
     tp = ctx.world_size // pp
-    problem = shape.problem_with(tp)
+    problem = SHAPES[config["model"]].problem_with(tp) if config["model"] else None  # None: chosen by _fit
     if problem is not None:
-        raise ValueError(f"--model {shape.name} cannot run on {tp} ranks per stage: {problem}")
+        raise ValueError(f"--model {config['model']} cannot run on {tp} ranks per stage: {problem}")
     batches = sorted(config["batch_sizes"])
 
     layout = distrib.parallel.layout(tp=tp, pp=pp, coordinator=ctx.coordinator)
@@ -96,7 +95,7 @@ def run_rank(config: dict) -> Optional[dict]:
         if not contenders:
             raise RuntimeError("no contender could start: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         try:
-            return _run(config, layout, device, shape, batches, contenders, skipped, say)
+            return _run(config, layout, device, batches, contenders, skipped, say)
         finally:
             for contender in contenders:
                 contender.close()
@@ -104,12 +103,14 @@ def run_rank(config: dict) -> Optional[dict]:
         layout.close()
 
 
-def _run(config: dict, layout, device: torch.device, shape: ModelShape, batches: list, contenders: list,
-         skipped: dict, say) -> Optional[dict]:
+def _run(config: dict, layout, device: torch.device, batches: list, contenders: list, skipped: dict,
+         say) -> Optional[dict]:
     """Build, check, time; the contenders are started and are closed by the caller."""
     world, tp, pp, gpu = layout.world, layout.tp_size, layout.pp_size, device.type == "cuda"
-    layers, layers_note = _choose_layers(shape, tp, pp, batches[-1], device, world, config.get("layers"))
-    shape = shape.with_layers(layers)
+    fit = _fit(config, tp, pp, batches[-1], device, world)  # before any rank builds its part of the model
+    shape, layers, layers_note = fit.shape, fit.shape.layers, fit.layers_note
+    if fit.model_note:
+        say(f"model: {fit.model_note}")
     stage = pipeline_stage(layers, pp, layout.pp_rank)
     stages = ", ".join(_span(pipeline_stage(layers, pp, s).layers) for s in range(pp))
     say(f"{shape.name}: {layers_note}; tp={tp}" + (f", pp={pp} (stage layers {stages})" if pp > 1 else "")
@@ -156,7 +157,7 @@ def _run(config: dict, layout, device: torch.device, shape: ModelShape, batches:
     if world.rank != 0:
         return None
     return {"shape": {**dataclasses.asdict(shape), "head_dim": shape.head_dim, "cache_len": shape.cache_len},
-            "layers_note": layers_note, "tp": tp, "pp": pp, "stages": stages,
+            "layers_note": layers_note, "model_note": fit.model_note, "tp": tp, "pp": pp, "stages": stages,
             "contenders": {c.label: c.details for c in contenders}, "skipped": skipped, "check": check,
             "results": results, "memory": memory, "facts": _facts(device)}
 
@@ -197,32 +198,20 @@ def _span(layers: range) -> str:
     return str(layers.start) if len(layers) == 1 else f"{layers.start}-{layers.stop - 1}"
 
 
-# -- layers that fit ----------------------------------------------------------------
+# -- the model and layers that fit ------------------------------------------------------
 
-def _choose_layers(shape: ModelShape, tp: int, pp: int, max_batch: int, device: torch.device, coord,
-                   requested: Optional[int]) -> tuple[int, str]:
-    """The layer count to build, and a sentence saying why (the same on every rank)."""
-    wanted = requested or shape.layers
-    source = f"--layers {requested}" if requested else "all"
-    if wanted < pp:
-        raise ValueError(f"{wanted} layers cannot be cut into {pp} pipeline stages of at least one layer each")
-    if device.type != "cuda":
-        return wanted, f"{wanted} of {shape.layers} layers ({source})"
-    per_layer, fixed = shape.bytes_per_rank(tp, max_batch)
-    free, total = torch.cuda.mem_get_info(device)
-    # Left free for activations, the graphs' pool, NCCL's capture costs and the
-    # custom kernel's buffers, of one contender at a time.
-    reserve = max(8 * GIB, int(0.06 * total))
-    fits = max(0, (free - reserve - fixed) // per_layer)  # on this rank's stage
-    fits = min(json.loads(r) for r in coord.all_gather(json.dumps(int(fits)).encode()))
-    if fits < 1:
-        raise RuntimeError(f"not even one layer of {shape.name} fits: {free / GIB:.1f} GiB free, "
-                           f"{per_layer / GIB:.2f} GiB per layer, {reserve / GIB:.1f} GiB kept free")
-    if fits * pp >= wanted:  # no stage holds more than ceil(wanted / pp) <= fits
-        return wanted, f"{wanted} of {shape.layers} layers ({source})"
-    return fits * pp, (f"{fits * pp} of {shape.layers} layers: limited by GPU memory ({free / GIB:.1f} GiB free, "
-                       f"{per_layer / GIB:.2f} GiB per layer with its KV cache, {reserve / GIB:.1f} GiB kept free"
-                       + (f", {fits} layers per stage" if pp > 1 else "") + ")")
+def _fit(config: dict, tp: int, pp: int, max_batch: int, device: torch.device, world) -> Fit:
+    """``fit.choose`` on what every rank's GPU has free: the same answer on every rank (CPUs: no limit)."""
+    gpus = []
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        uuid = getattr(torch.cuda.get_device_properties(device), "uuid", device.index)
+        here = {"gpu": f"{world.node_rank}/{uuid}", "free": free, "total": total, "rank": world.rank,
+                "name": f"GPU {device.index}" + (f" of node {world.node_rank}" if world.nnodes > 1 else "")}
+        seen = [json.loads(r) for r in world.all_gather(json.dumps(here).encode())]
+        # Ranks that share a GPU count once each on it; rank 0 builds the unsplit model of --check-tp1.
+        gpus = gpus_from(seen, unsplit_rank=0 if config.get("check_tp1") else None)
+    return choose(SHAPES, config["model"], config.get("layers"), tp, pp, max_batch, gpus)
 
 
 # -- timing ---------------------------------------------------------------------------

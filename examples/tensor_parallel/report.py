@@ -32,6 +32,7 @@ def summarize(meta: dict, record: dict) -> dict:
             "stages": record.get("stages"),
             "versions": {k: v for k, v in record["facts"].items() if k != "device_name"},
             "model": record["shape"], "layers": record["shape"]["layers"], "layers_note": record["layers_note"],
+            "model_note": record.get("model_note"),
             "baseline": baseline, "contenders": record["contenders"], "skipped": record["skipped"]}
     for label, details in record["contenders"].items():
         if details.get("nccl"):
@@ -229,7 +230,7 @@ def plot(summary: dict, path: Path) -> Optional[str]:
         import matplotlib.pyplot as plt
         from matplotlib.ticker import FixedLocator, NullLocator
     except ImportError:
-        return "matplotlib is not installed (pip install matplotlib)"
+        return "matplotlib is not installed (pip install 'distrib[bench]')"
     m, labels = summary["meta"], _order(summary)
     colors = {label: f"C{i}" for i, label in enumerate(labels)}  # one colour per communicator, every panel
     panels = 3 if summary["memory"] else 2
