@@ -56,11 +56,12 @@ import secrets
 import struct
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from .._text import format_ranks
 from ..errors import CoordinatorError, DistribTimeoutError
-from ._waiting import FUTEX, WATCH_INTERVAL, Backoff, ProcessWatch, buffer_address, full_fence
+from ._waiting import (FUTEX, WATCH_INTERVAL, Backoff, Futex, ProcessWatch, buffer_address,
+                       full_fence)
 
 __all__ = ["RingWriter", "RingReader", "ring_bytes", "SHM_DIRS"]
 
@@ -295,7 +296,7 @@ class RingReader(_Ring):
         self._filled = 0
         self._skipping = False  # dropping the rest of a malformed message
 
-    def read(self, deadline: float):
+    def read(self, deadline: float) -> Union[bytes, bytearray, None]:
         """The next whole message (a bytes-like object), or None once the writer closed and all is read.
 
         Malformed chunks (lengths or flags that do not fit) are logged and
@@ -316,11 +317,12 @@ class RingReader(_Ring):
             if done is not None:
                 return done
 
-    def _take(self, seq: int, base: int):
+    def _take(self, seq: int, base: int) -> Union[bytes, bytearray, None]:
         """Copy chunk ``seq`` out; returns the message it completes, if any."""
         view, cap = self.view, self.chunk_bytes
         length, flags, total = _META.unpack_from(view, base + 8)
-        start, done, problem = base + CHUNK_HEADER, None, None
+        start, problem = base + CHUNK_HEADER, None
+        done: Union[bytes, bytearray, None] = None
         if length > cap or flags & ~(FIRST | LAST):
             problem = f"chunk {seq} has length {length} (max {cap}) and flags {flags:#x}"
         elif flags & FIRST:
@@ -391,19 +393,21 @@ class RingReader(_Ring):
                         f"broadcast channel: the writer (rank {self.writer_rank}, pid "
                         f"{self._watch.pid}) exited without closing the channel; no more messages "
                         "will come. Check its output")
-            if FUTEX is None:
+            futex = FUTEX
+            if futex is None:
                 backoff.pause(now)
             else:
-                backoff.pause(now, lambda seconds: self._sleep(base, seq, min(seconds, deadline - now)))
+                backoff.pause(now, lambda seconds: self._sleep(futex, base, seq,
+                                                               min(seconds, deadline - now)))
 
-    def _sleep(self, base: int, seen: int, seconds: float) -> None:
+    def _sleep(self, futex: Futex, base: int, seen: int, seconds: float) -> None:
         """Sleep until the writer changes the sequence at ``base`` (it wakes us; see RingWriter._wake)."""
         view = self.view
         view[self._sleeper] = 1
         full_fence()  # our sleeper byte is visible before we look at the sequence again
         try:
             if _WORD.unpack_from(view, base)[0] == seen and not _WORD.unpack_from(view, _CLOSED)[0]:
-                FUTEX.wait(self.address + base, seen, seconds)  # the low 32 bits of the sequence
+                futex.wait(self.address + base, seen, seconds)  # the low 32 bits of the sequence
         finally:
             view[self._sleeper] = 0
 

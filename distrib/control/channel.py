@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .._text import format_ranks
 from ..errors import ConfigError, CoordinatorError, DistribError, DistribTimeoutError
@@ -99,7 +99,8 @@ class BroadcastChannel:
         local = tuple(r for r in range(world) if r != src and shared_memory and peers[r]["node"] == node)
         remote = tuple(r for r in range(world) if r != src and r not in local)
         hwm = max(chunks, 16)
-        ring = publisher = subscriber = None
+        ring: Union[RingWriter, RingReader, None] = None
+        publisher = subscriber = None
         try:
             # 2. The writer makes the ring and the socket, and says where they are.
             offer: dict = {}
@@ -131,7 +132,7 @@ class BroadcastChannel:
             except Exception as exc:  # reported to every rank just below
                 error = _describe(exc)
             errors = [codec.decode(b) for b in coordinator.all_gather(codec.encode(error), timeout=setup)]
-            if rank == src and ring is not None:
+            if rank == src and isinstance(ring, RingWriter):
                 ring.unlink()  # every local reader has it mapped (or failed): the name can go
             failed = {r: e for r, e in enumerate(errors) if e}
             if failed:
@@ -142,6 +143,7 @@ class BroadcastChannel:
                 verdict = None
                 if rank == src:
                     try:
+                        assert publisher is not None  # made in step 2 (or every rank raised there)
                         publisher.wait_subscribed(time.monotonic() + (setup or _default_timeout(coordinator)))
                     except DistribTimeoutError as exc:
                         verdict = {"error": str(exc), "missing": list(exc.missing)}

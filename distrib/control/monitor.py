@@ -209,42 +209,42 @@ class Monitor:
 
     def _faulthandler(self, ranks: list[int]) -> dict[int, Optional[Snapshot]]:
         """Snapshots of ranks whose agent did not answer, through faulthandler."""
-        signalled: dict[int, int] = {}
+        signalled: dict[int, tuple[str, int]] = {}  # rank -> its stack file, its size before
         for rank in ranks:
             entry = self._ranks.get(rank)
             # Only a rank whose hello said it registered the signal gets it: to any
-            # other process it would be fatal.
+            # other process it would be fatal. (A hello always sets the pid.)
             if entry is None or entry.identity is None or not entry.dumps or not entry.stack_file \
-                    or DUMP_SIGNAL is None:
+                    or entry.pid is None or DUMP_SIGNAL is None:
                 continue
             try:
                 offset = os.path.getsize(entry.stack_file)
                 os.kill(entry.pid, DUMP_SIGNAL)
             except OSError:
                 continue
-            signalled[rank] = offset
+            signalled[rank] = (entry.stack_file, offset)
         found: dict[int, Optional[Snapshot]] = {r: None for r in ranks}
         deadline = time.monotonic() + _FAULTHANDLER_WAIT
         sizes: dict[int, int] = {}
         while signalled and time.monotonic() < deadline:
             time.sleep(0.05)
-            for rank, offset in list(signalled.items()):
+            for rank, (path, offset) in list(signalled.items()):
                 entry = self._ranks[rank]
                 try:
-                    size = os.path.getsize(entry.stack_file)
+                    size = os.path.getsize(path)
                 except OSError:
                     signalled.pop(rank)
                     continue
                 if size > offset and sizes.get(rank) == size:  # written, and no longer growing
-                    found[rank] = self._read_dump(entry, offset)
+                    found[rank] = self._read_dump(entry, path, offset)
                     signalled.pop(rank)
                 sizes[rank] = size
         return found
 
     @staticmethod
-    def _read_dump(entry: _Rank, offset: int) -> Optional[Snapshot]:
+    def _read_dump(entry: _Rank, path: str, offset: int) -> Optional[Snapshot]:
         try:
-            with open(entry.stack_file, errors="replace") as f:
+            with open(path, errors="replace") as f:
                 head = f.readline()      # the agent's note of its main thread
                 f.seek(offset)
                 text = f.read()

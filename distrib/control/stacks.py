@@ -25,6 +25,7 @@ import sys
 import sysconfig
 import threading
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Iterable, Mapping, Optional
 
 from .._text import format_ranks
@@ -101,12 +102,12 @@ def capture(rank: int, host: str, skip: Iterable[int] = ()) -> Snapshot:
     names = {t.ident: t.name for t in threading.enumerate()}
     main = threading.main_thread().ident
     skipped = set(skip)
-    threads = []
+    threads: list[ThreadStack] = []
     for ident, top in sys._current_frames().items():
         if ident in skipped:
             continue
-        frames = []
-        frame = top
+        frames: list[Frame] = []
+        frame: Optional[FrameType] = top
         while frame is not None:
             code = frame.f_code
             text = linecache.getline(code.co_filename, frame.f_lineno).strip()
@@ -134,9 +135,10 @@ def parse_faulthandler(text: str, rank: int, host: str, pid: int) -> Optional[Sn
             except ValueError:
                 pass
     threads: list[ThreadStack] = []
-    ident, frames = None, []
+    ident: Optional[int] = None
+    frames: list[Frame] = []
 
-    def flush():
+    def flush() -> None:
         if ident is not None:
             threads.append(ThreadStack(f"thread {ident:#x}", ident, ident == main,
                                        tuple(reversed(frames))))
@@ -212,8 +214,9 @@ def _short(function: str) -> str:
 @dataclass
 class _Group:
     place: Place
+    example: Snapshot          # the first rank found here, shown for the whole group
+    main: ThreadStack          # that rank's main thread
     ranks: list = field(default_factory=list)
-    example: Optional[Snapshot] = None
 
 
 def summarize(snapshots: Mapping[int, Optional[Snapshot]], title: str, *, max_frames: int = 12) -> str:
@@ -226,14 +229,12 @@ def summarize(snapshots: Mapping[int, Optional[Snapshot]], title: str, *, max_fr
     for rank in sorted(snapshots):
         snap = snapshots[rank]
         main = snap.main_thread() if snap is not None else None
-        if main is None:
+        if snap is None or main is None:
             silent.append(rank)
             continue
         place = place_of(main)
-        group = groups.setdefault(place.key(), _Group(place))
+        group = groups.setdefault(place.key(), _Group(place, example=snap, main=main))
         group.ranks.append(rank)
-        if group.example is None:
-            group.example = snap
     lines = [title]
     rows = []
     for group in sorted(groups.values(), key=lambda g: g.ranks[0]):
@@ -249,8 +250,7 @@ def summarize(snapshots: Mapping[int, Optional[Snapshot]], title: str, *, max_fr
     width_call = max((len(r[1]) for r in rows), default=0)
     lines += [f"  {w:<{width_who}}  {c:<{width_call}}  {s}".rstrip() for w, c, s in rows]
     for group in sorted(groups.values(), key=lambda g: g.ranks[0]):
-        snap = group.example
-        main = snap.main_thread()
+        snap, main = group.example, group.main
         host = f" on {snap.host}" if snap.host else ""
         via = " (from faulthandler: it held the GIL)" if snap.source == "faulthandler" else ""
         lines.append(f"--- main thread of rank {snap.rank}{host}, pid {snap.pid}{via}"
