@@ -86,7 +86,7 @@ class WorkerFailure:
         signal, an exit, another exception); it is the root cause only when no
         other rank failed first in its own right (a rank that hung, say).
         """
-        return bool(self.exc_type) and self.exc_type.rsplit(".", 1)[-1] in _PEER_ERRORS
+        return bool(self.exc_type and self.exc_type.rsplit(".", 1)[-1] in _PEER_ERRORS)
 
 
 _PEER_ERRORS = ("CoordinatorError", "CommunicatorError", "DistribTimeoutError")

@@ -12,7 +12,7 @@ import os
 import secrets
 import threading
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from .coordinator.api import Coordinator, coordinators
 from .errors import ConfigError
@@ -65,7 +65,8 @@ def init(coordinator: str = "gloo", timeout: Optional[float] = None) -> Context:
         info, store = _resolve_info(os.environ), None
         if info is None:
             info, store = _single_process()
-        cls = coordinators.get(coordinator)
+        # A registered coordinator takes timeout= (and store=) besides the base's arguments.
+        cls: Callable[..., Coordinator] = coordinators.get(coordinator)
         # A world of one hosts its own store (already bound); others reach theirs by address.
         coord = cls(info, timeout=timeout) if store is None else cls(info, timeout=timeout, store=store)
         device = os.environ.get("DISTRIB_DEVICE")

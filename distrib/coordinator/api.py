@@ -270,8 +270,12 @@ def _check_members(ranks: Sequence[int], world_size: int) -> tuple:
     if outside:
         raise ConfigError(f"group ranks={list(members)!r}: {outside[0]} is out of range; expected "
                           f"0 <= rank < {world_size}")
-    seen = set()
-    twice = [r for r in members if r in seen or seen.add(r)]
+    seen: set[int] = set()
+    twice = []
+    for r in members:
+        if r in seen:
+            twice.append(r)
+        seen.add(r)
     if twice:
         raise ConfigError(f"group ranks={list(members)!r} names rank {twice[0]} twice")
     return members

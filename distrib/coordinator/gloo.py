@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import os
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import CoordinatorError, DistribError, DistribTimeoutError
 from .._text import format_ranks, rank_list
@@ -56,8 +56,9 @@ class GlooCoordinator(Coordinator):
         self._root_store = store if store is not None else connect_store(
             info, self.timeout, client=group is not None)
         prefix = f"distrib/{info.launch_id}/coordinator"
-        self._store = dist.PrefixStore(prefix if self.is_world else f"{prefix}/{self.spec.key}",
-                                       self._root_store)
+        # Any: close() drops it, and torch's stub of Store.set takes str where bytes work too.
+        self._store: Any = dist.PrefixStore(prefix if self.is_world else f"{prefix}/{self.spec.key}",
+                                            self._root_store)
         self._of = "" if self.is_world else f" of {self.describe()}"
 
         # Record arrival before the gloo rendezvous, so a rank that never
@@ -65,10 +66,11 @@ class GlooCoordinator(Coordinator):
         self._mark_entered()
         what = "coordinator start-up" if self.is_world else f"start-up{self._of}"
         try:
-            options = dist.ProcessGroupGloo._Options()
+            options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # not in torch's stubs
             options._timeout = datetime.timedelta(seconds=self.timeout)
             options._devices = [_gloo_device(dist, info)]
-            self._pg = dist.ProcessGroupGloo(
+            # Any: torch's stubs leave out ProcessGroupGloo's collectives and send/recv.
+            self._pg: Any = dist.ProcessGroupGloo(
                 dist.PrefixStore("gloo", self._store), self.rank, self.world_size, options)
         except Exception as exc:
             raise self._collective_error(what, exc, self.timeout) from exc
