@@ -141,7 +141,7 @@ class CustomAllReduceEngine:
 
         rt = cupy.cuda.runtime
         with cupy.cuda.Device(device):
-            defines = () if fail_stop else ("-DDISTRIB_FAIL_STOP=0",)
+            defines: tuple[str, ...] = () if fail_stop else ("-DDISTRIB_FAIL_STOP=0",)
             if test_stall is not None:
                 rank, call, seconds = test_stall
                 defines += (f"-DDISTRIB_TEST_STALL_RANK={int(rank)}", f"-DDISTRIB_TEST_STALL_CALL={int(call)}",

@@ -30,7 +30,7 @@ Importing this module imports torch and registers the operators (once per proces
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -151,7 +151,7 @@ def _fake_broadcast_(tensor, handle, src):
 
 # -- registration ------------------------------------------------------------------------------
 
-_SCHEMAS = {
+_SCHEMAS: dict[str, tuple[str, Callable[..., Any], Callable[..., Any]]] = {
     "all_reduce_": ("(Tensor(a!) tensor, int handle, str op) -> ()", _all_reduce_, _fake_all_reduce_),
     "all_reduce_out": ("(Tensor tensor, Tensor(a!) out, int handle, str op) -> ()",
                        _all_reduce_out, _fake_all_reduce_out),

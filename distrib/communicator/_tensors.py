@@ -21,8 +21,8 @@ def as_view(obj: Any) -> TensorView:
     """A :class:`TensorView` of a torch tensor, CuPy array, CUDA array or DLPack object."""
     if obj.__class__ is TensorView:
         return obj
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.Tensor):
+    loaded_torch = sys.modules.get("torch")  # not imported here: a CuPy caller may not need it
+    if loaded_torch is not None and isinstance(obj, loaded_torch.Tensor):
         return _torch_view(obj, obj, "torch")
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(obj, cupy.ndarray):
@@ -235,6 +235,7 @@ def stream_of(view: TensorView) -> int:
     PyTorch's current stream for torch tensors; CuPy's for every other array.
     """
     if view.library == "torch":
+        assert view.device_index is not None  # a CUDA view: the only kind that has a stream
         return _torch_stream(view.device_index)
     import cupy
 

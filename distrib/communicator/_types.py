@@ -31,7 +31,7 @@ class ReduceOp(_StrEnum):
     def parse(cls, op: "ReduceOp | str") -> "ReduceOp":
         """``op`` as a ReduceOp; raises :class:`ConfigError` for an unknown name."""
         if op.__class__ is cls:
-            return op  # type: ignore[return-value]
+            return op
         member = cls._value2member_map_.get(op) if op.__class__ is str else None
         if member is not None:
             return member  # type: ignore[return-value]  # the names compiled graphs pass

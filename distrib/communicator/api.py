@@ -86,9 +86,11 @@ class Communicator(ABC):
 
     name: ClassVar[str] = "abstract"
     priority: ClassVar[Optional[int]] = None  # dispatcher order, higher first; None: only by name
-    device_type: ClassVar[DeviceType] = DeviceType.CUDA
-    dtypes: ClassVar[frozenset] = frozenset()  # of DType; an instance may narrow it
-    ops: ClassVar[frozenset] = frozenset()     # of ReduceOp; an instance may narrow it
+    # Class defaults that an instance may narrow (the dispatcher sets its own).
+    device_type: DeviceType = DeviceType.CUDA
+    dtypes: frozenset = frozenset()  # of DType
+    ops: frozenset = frozenset()     # of ReduceOp
+    _closed: bool  # set by _setup
 
     def __init__(self, coordinator: Coordinator, device: Any = None, *,
                  debug: Optional[bool] = None):
@@ -245,7 +247,9 @@ class Communicator(ABC):
         result = {}
         for key, value in message.items():
             if isinstance(value, codec.TensorMeta):
-                device = "cpu" if value.device == "cpu" else torch.device("cuda", self.device)
+                # (torch.device takes index None, the current device, which its stub leaves out)
+                device = ("cpu" if value.device == "cpu"
+                          else torch.device("cuda", self.device))  # type: ignore[arg-type]
                 value = self.recv(torch.empty(value.shape, dtype=_torch_dtype(value.dtype), device=device), src)
             result[key] = value
         return result

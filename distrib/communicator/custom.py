@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from ..errors import CommunicatorError
 from ..info import ranks_sharing_a_gpu
@@ -47,7 +47,10 @@ __all__ = ["CustomAllReduceCommunicator"]
 logger = logging.getLogger("distrib.communicator.custom")
 
 DISABLE_VAR = "DISTRIB_DISABLE_CUSTOM_ALL_REDUCE"
-_KERNEL_DTYPES = {DType.FLOAT32: "float32", DType.FLOAT16: "float16", DType.BFLOAT16: "bfloat16"}
+# Keyed by a view's dtype, Optional for the type checker only: the views the hooks get have
+# passed the checks, so their dtype is one of these.
+_KERNEL_DTYPES: dict[Optional[DType], str] = {DType.FLOAT32: "float32", DType.FLOAT16: "float16",
+                                               DType.BFLOAT16: "bfloat16"}
 
 
 @communicators.register("custom")
@@ -72,16 +75,17 @@ class CustomAllReduceCommunicator(Communicator):
     device_type = DeviceType.CUDA
     dtypes = frozenset(_KERNEL_DTYPES)
     ops = frozenset({ReduceOp.SUM})
+    device: int  # never None: unavailable_reason refuses device=None before start-up
 
     def __init__(self, coordinator, device=None, *, debug: Optional[bool] = None,
                  max_bytes: Optional[int] = None, timeout: Optional[float] = None,
                  algorithm: Optional[str] = None, max_blocks: Optional[int] = None,
                  on_error: Optional[str] = None, fail_stop: bool = True,
                  test_stall: Optional[tuple[int, int, float]] = None):
-        self._engine = None
+        self._engine: Any = None  # a CustomAllReduceEngine, once started
         self._options = (max_bytes, timeout, algorithm, max_blocks, on_error)
         # For measurements and tests only (see CustomAllReduceEngine).
-        self._kernel_variant = dict(fail_stop=fail_stop, test_stall=test_stall)
+        self._kernel_variant: dict[str, Any] = dict(fail_stop=fail_stop, test_stall=test_stall)
         super().__init__(coordinator, device, debug=debug)
 
     # -- availability (cheap, local) ---------------------------------------------------
@@ -144,7 +148,7 @@ class CustomAllReduceCommunicator(Communicator):
                             self.algorithm)
 
     def _torch_all_reduce(self, view: TensorView, op: ReduceOp):
-        launch, algorithm, index = self._engine.launch, self.algorithm, view.device_index
+        launch, algorithm, index = self._engine.launch, self.algorithm, self.device  # the view's device
         kernel_dtype, nbytes = _KERNEL_DTYPES[view.dtype], view.nbytes
 
         def run(tensor, out) -> None:

@@ -64,7 +64,7 @@ class Dispatcher(Communicator):
     # -- building the chain ---------------------------------------------------------
     def _start(self, candidates: list[tuple[str, Any]], options: Mapping[str, Mapping[str, Any]]):
         # 1. Availability, asked of every rank at once.
-        local = {}
+        local: dict[str, Optional[str]] = {}
         for name, cls in candidates:
             if isinstance(cls, str):  # the plug-in failed to import: a reason, not a class
                 local[name] = cls

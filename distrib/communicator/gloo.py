@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime
 import secrets
-from typing import Optional
+from typing import Any, Optional
 
 from ..coordinator.api import DEFAULT_TIMEOUT
 from ..errors import CommunicatorError, DistribTimeoutError
@@ -44,7 +44,8 @@ class GlooCommunicator(Communicator):
                  timeout: Optional[float] = None):
         self.timeout = float(timeout if timeout is not None
                              else getattr(coordinator, "timeout", DEFAULT_TIMEOUT))
-        self._pg = None
+        # Any: torch's stubs leave out ProcessGroupGloo's collectives and send/recv.
+        self._pg: Any = None
         self._broken: Optional[str] = None
         self._abandoned: list = []  # point-to-point work that timed out
         self._native_reduce_scatter = True

@@ -19,7 +19,7 @@ bytes) where it received nothing.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import CommunicatorError
 from . import _ipc
@@ -30,7 +30,9 @@ from .api import Collective, Communicator, DeviceType, DType, TensorView, commun
 __all__ = ["IpcCommunicator"]
 
 DISABLE_VAR = "DISTRIB_DISABLE_IPC"
-_DTYPE_CODES = {dtype: code for code, dtype in enumerate(DType)}
+# Keyed by a view's dtype, Optional for the type checker only: the views the hooks get have
+# passed the checks, so their dtype is one of these.
+_DTYPE_CODES: dict[Optional[DType], int] = {dtype: code for code, dtype in enumerate(DType)}
 
 
 @communicators.register("ipc")
@@ -51,11 +53,12 @@ class IpcCommunicator(Communicator):
     device_type = DeviceType.CUDA
     dtypes = frozenset(DType)
     ops = frozenset()
+    device: int  # never None: unavailable_reason refuses device=None before start-up
 
     def __init__(self, coordinator, device=None, *, debug: Optional[bool] = None,
                  max_bytes: Optional[int] = None, chunk_bytes: int = 64 << 10,
                  timeout: Optional[float] = None, on_error: Optional[str] = None):
-        self._engine = None
+        self._engine: Any = None  # an IpcSendRecvEngine, once started
         self._options = (max_bytes, chunk_bytes, timeout, on_error)
         super().__init__(coordinator, device, debug=debug)
 

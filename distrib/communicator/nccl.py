@@ -10,7 +10,7 @@ this communicator is used; ``cupy-cuda12x`` and ``cupy-cuda13x`` both work.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import CommunicatorError
 from .._text import rank_list
@@ -24,8 +24,11 @@ __all__ = ["NcclCommunicator"]
 # typedef enum { ncclInt8 = 0, ncclUint8 = 1, ncclInt32 = 2, ncclUint32 = 3, ncclInt64 = 4,
 #                ncclUint64 = 5, ncclFloat16 = 6, ncclFloat32 = 7, ncclFloat64 = 8,
 #                ncclBfloat16 = 9 } ncclDataType_t;
-ncclDataType_t = {DType.INT8: 0, DType.UINT8: 1, DType.INT32: 2, DType.INT64: 4,
-                  DType.FLOAT16: 6, DType.FLOAT32: 7, DType.FLOAT64: 8, DType.BFLOAT16: 9}
+# Keyed by a view's dtype, Optional for the type checker only: the views the hooks get have
+# passed the checks, so their dtype is one of these.
+ncclDataType_t: dict[Optional[DType], int] = {
+    DType.INT8: 0, DType.UINT8: 1, DType.INT32: 2, DType.INT64: 4,
+    DType.FLOAT16: 6, DType.FLOAT32: 7, DType.FLOAT64: 8, DType.BFLOAT16: 9}
 # typedef enum { ncclSum = 0, ncclProd = 1, ncclMax = 2, ncclMin = 3, ncclAvg = 4 } ncclRedOp_t;
 ncclRedOp_t = {ReduceOp.SUM: 0, ReduceOp.PROD: 1, ReduceOp.MAX: 2, ReduceOp.MIN: 3, ReduceOp.AVG: 4}
 
@@ -58,9 +61,10 @@ class NcclCommunicator(Communicator):
     device_type = DeviceType.CUDA
     dtypes = frozenset(ncclDataType_t)
     ops = frozenset(ncclRedOp_t)
+    device: int  # never None: unavailable_reason refuses device=None before start-up
 
     def __init__(self, coordinator, device=None, *, debug: Optional[bool] = None):
-        self._comm = None
+        self._comm: Any = None  # cupy.cuda.nccl.NcclCommunicator, once started
         self._broken: Optional[str] = None
         super().__init__(coordinator, device, debug=debug)
 
@@ -133,7 +137,7 @@ class NcclCommunicator(Communicator):
             self._fail("all_reduce", exc)
 
     def _torch_all_reduce(self, view: TensorView, op: ReduceOp):
-        comm, count, index = self._comm, view.numel, view.device_index
+        comm, count, index = self._comm, view.numel, self.device  # the view's device
         dtype, red_op = ncclDataType_t[view.dtype], ncclRedOp_t[op]
 
         def run(tensor, out) -> None:
