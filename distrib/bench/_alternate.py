@@ -8,10 +8,13 @@ Used by the benches that compare kernel variants (``failstop``'s cost,
 from __future__ import annotations
 
 import statistics
-from typing import Hashable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+if TYPE_CHECKING:
+    from ..communicator.api import Communicator
 
 
-def time_in_turns(ctx, comms: Mapping[Hashable, object], x, outs: list, rounds: int, eager_calls: int,
+def time_in_turns(ctx, comms: Mapping[Any, Communicator], x, outs: list, rounds: int, eager_calls: int,
                   expect: Optional[float] = None) -> tuple[dict, dict]:
     """Per-call microseconds per ``(mode, key)``, one per round; and per mode, the wrong results.
 

@@ -90,7 +90,9 @@ class SymmetricMemoryTarget(Target):
     def __init__(self, algorithm: str, device: torch.device, max_bytes: int):
         self.name = f"torch:symm_mem_{algorithm}"
         self.algorithm, self.device, self.max_bytes = algorithm, device, max_bytes
-        self.group = torch.distributed.group.WORLD.group_name
+        world = torch.distributed.group.WORLD
+        assert world is not None  # run_rank made the default process group first
+        self.group = world.group_name
         self.buffers: dict = {}
 
     def _buffer(self, dtype):
@@ -132,7 +134,9 @@ def run_rank(config: dict) -> dict:
     os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
     ctx = distrib.init()
     gpu = config["device"] == "cuda"
-    device = torch.device("cuda", ctx.device) if gpu else torch.device("cpu")
+    # (torch.device takes index None, the current device, which its stub leaves out)
+    device = (torch.device("cuda", ctx.device)  # type: ignore[arg-type]
+              if gpu else torch.device("cpu"))
     facts: dict = {"rank": ctx.rank, "torch": torch.__version__, "disabled": {}}
     if gpu:
         torch.cuda.set_device(device)
@@ -180,9 +184,10 @@ def _start_targets(config: dict, ctx, device: torch.device, facts: dict) -> list
             continue
         try:  # a one-member Dispatcher agrees across ranks on whether it can start
             starter = Dispatcher(ctx.coordinator, index, order=[name])
-            targets.append(CommunicatorTarget(label, starter[name], device))
-            if hasattr(starter[name], "nccl_version"):
-                facts["distrib_nccl"] = _nccl_version_text(starter[name].nccl_version)
+            member = starter[name]
+            targets.append(CommunicatorTarget(label, member, device))
+            if hasattr(member, "nccl_version"):
+                facts["distrib_nccl"] = _nccl_version_text(member.nccl_version)
         except DistribError as exc:
             facts["disabled"][label] = str(exc)
     if wanted is None or "distrib:dispatcher" in wanted:
@@ -317,9 +322,9 @@ def _time_eager(prepared: Prepared, iters: int, config: dict, ctx, device) -> tu
     if device.type != "cuda":
         times = []
         for _ in range(iters):
-            start = time.perf_counter()
+            started = time.perf_counter()
             prepared.run()
-            times.append((time.perf_counter() - start) * 1e6)
+            times.append((time.perf_counter() - started) * 1e6)
         return times, sum(times) / len(times)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]

@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from(args: argparse.Namespace) -> dict:
+    modes: Sequence[str]
     if args.smoke:
         device, nprocs = "cpu", args.nprocs or 2
         sizes, modes, iters = args.sizes or SMOKE_SIZES, ("eager",), min(args.iters, 10)

@@ -72,7 +72,7 @@ def run_rank(config: dict) -> dict:
 
     ctx = distrib.init()
     coord = ctx.coordinator
-    targets = {"channel": coord.broadcast_channel(0)}
+    targets: dict[str, Optional[BroadcastChannel]] = {"channel": coord.broadcast_channel(0)}
     if config["zmq"]:
         targets["channel-zmq"] = BroadcastChannel.create(coord, 0, shared_memory=False)
     targets["gloo"] = None

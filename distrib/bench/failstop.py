@@ -35,6 +35,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import distrib
 
@@ -56,7 +57,8 @@ def _launch(fn, nprocs, *args, timeout=900, **kwargs):
 def _scenarios_worker(reps: int) -> dict:
     ctx = distrib.init()
     world = ctx.info.world_size
-    out = {"late_peer": failstop.late_peer_rounds(reps, world - 1, timeout=0.2, stall=0.6, calls=7)}
+    out: dict[str, Any] = {
+        "late_peer": failstop.late_peer_rounds(reps, world - 1, timeout=0.2, stall=0.6, calls=7)}
     out["stall_mid_call"] = {alg: [failstop.stalls_mid_call(alg, world - 1) for _ in range(reps)]
                              for alg in ("one_shot", "two_shot")}
     out["wrap"] = [failstop.counters_across_the_wrap(3000)[0] for _ in range(reps)]
@@ -82,7 +84,7 @@ def _tally(per_rank: list[dict], world: int) -> dict:
                                       "errors naming the late rank": named}
     for alg in per_rank[0]["stall_mid_call"]:
         runs = [outcomes for r in per_rank for outcomes in r["stall_mid_call"][alg]]
-        counts: dict = {}
+        counts = {}
         for outcomes in runs:
             for o in outcomes:
                 counts[o] = counts.get(o, 0) + 1

@@ -138,7 +138,7 @@ def sendrecv_rank(sizes: list, iters: int, repeats: int) -> dict:
     rank = ctx.coordinator.rank
     gpu = ctx.device is not None
     backends = {"gloo": (communicators.get("gloo")(ctx.coordinator), torch.device("cpu"))}
-    if gpu:
+    if ctx.device is not None:  # gpu
         torch.cuda.set_device(ctx.device)
         device = torch.device("cuda", ctx.device)
         backends["ipc"] = (communicators.get("ipc")(ctx.coordinator, ctx.device), device)

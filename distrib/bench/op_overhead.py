@@ -73,7 +73,8 @@ def run_rank(config: dict) -> dict:
     ctx = distrib.init()
     gpu = config["device"] == "cuda"
     if gpu:
-        device = torch.device("cuda", ctx.device)
+        # (torch.device takes index None, the current device, which its stub leaves out)
+        device = torch.device("cuda", ctx.device)  # type: ignore[arg-type]
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -88,7 +89,9 @@ def run_rank(config: dict) -> dict:
     if config["compiled"]:
         compiled = torch.compile(lambda t: comm.all_reduce(t), fullgraph=True)
         paths["compiled"] = lambda: compiled(x)
-    member = comm.communicator_for(x).name
+    chosen = comm.communicator_for(x)
+    assert chosen is not None  # a member takes x: every path below reduces it
+    member = chosen.name
 
     # Every path must reduce: ones summed over the ranks.
     correct = {}
@@ -197,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"op-overhead benchmark: {args.nprocs} {args.device} ranks, {args.size} bytes", file=sys.stderr)
     devices = [int(d) for d in args.devices.split(",")] if gpu and args.devices else None
     per_rank = launch(run_rank, args.nprocs, args=(config,), devices=devices if gpu else "cpu",
-                      share_gpu=bool(devices) and len(set(devices)) < len(devices),
+                      share_gpu=bool(devices and len(set(devices)) < len(devices)),
                       start_method="spawn" if gpu else "forkserver", timeout=args.timeout)
     first = per_rank[0]
     meta = {"device": args.device, "nprocs": args.nprocs, "device_name": first["device_name"],

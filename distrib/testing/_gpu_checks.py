@@ -58,9 +58,10 @@ def cuda_graph(suite) -> Optional[str]:
         want = expected(ReduceOp.SUM, suite.ws, 4096, dtypes[0]) + suite.ws * shift
         suite.compare(out, want, dtypes[0], (4096,), f"replay {shift} of a captured out-of-place all_reduce")
     del graph
+    return None
 
 
-def _cupy_graph(suite) -> None:
+def _cupy_graph(suite) -> Optional[str]:
     import cupy
 
     dtype = suite.dtypes[0]
@@ -80,6 +81,7 @@ def _cupy_graph(suite) -> None:
                 stream.synchronize()
                 want = expected(ReduceOp.SUM, suite.ws, 1024, dtype) + suite.ws * shift
                 suite.compare(x, want, dtype, (1024,), f"launch {shift} of a CuPy-captured all_reduce")
+    return None
 
 
 def send_recv_graph(suite) -> Optional[str]:
@@ -121,6 +123,7 @@ def send_recv_graph(suite) -> Optional[str]:
             want = pattern(ReduceOp.SUM, before, suite.ws, shape_numel(shape), dtype) + shift
             suite.compare(y, want, dtype, shape, f"replay {shift} of a captured send/recv of {dtype}{list(shape)}")
     del graph
+    return None
 
 
 def caller_stream(suite) -> Optional[str]:
@@ -149,3 +152,4 @@ def caller_stream(suite) -> Optional[str]:
     total = suite.ws * (suite.ws + 1) // 2 if suite.reduces else before + 1
     want = torch.full((4096,), float(total), dtype=torch.float64)
     suite.compare(y, want, DType.FLOAT32, (4096,), "a call ordered after a fill on a side stream")
+    return None

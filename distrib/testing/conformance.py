@@ -151,7 +151,8 @@ class _Suite:
         if not condition:
             self.fail(message)
 
-    def raises(self, kind: type, words: Sequence[str], what: str, fn: Callable, *args, **kwargs):
+    def raises(self, kind: type[BaseException], words: Sequence[str], what: str, fn: Callable,
+               *args, **kwargs):
         try:
             fn(*args, **kwargs)
         except kind as exc:
@@ -307,16 +308,18 @@ class _Suite:
         tensors = {"a": self.make(ReduceOp.SUM, self.rank, (3, 5), self.dtypes[0]),
                    "strided": self.make(ReduceOp.SUM, self.rank, (4, 2), self.dtypes[-1]).t(),
                    "step": self.rank, "names": ["x", "y"]}
-        got: dict = {}
+        received: dict = {}
         self._ring(lambda: comm.send_tensor_dict(tensors, after),
-                   lambda: got.update(comm.recv_tensor_dict(before)))
-        self.expect(list(got) == list(tensors) and got["step"] == before and got["names"] == ["x", "y"],
-                    f"recv_tensor_dict gave keys {list(got)} and values {got.get('step')!r}, {got.get('names')!r}")
+                   lambda: received.update(comm.recv_tensor_dict(before)))
+        self.expect(list(received) == list(tensors) and received["step"] == before
+                    and received["names"] == ["x", "y"],
+                    f"recv_tensor_dict gave keys {list(received)} and values {received.get('step')!r}, "
+                    f"{received.get('names')!r}")
         for key in ("a", "strided"):
             want = self.make(ReduceOp.SUM, before, (3, 5) if key == "a" else (4, 2),
                              self.dtypes[0] if key == "a" else self.dtypes[-1])
             want = want if key == "a" else want.t()
-            self.expect(got[key].device == want.device and torch.equal(got[key].cpu(), want.cpu()),
+            self.expect(received[key].device == want.device and torch.equal(received[key].cpu(), want.cpu()),
                         f"recv_tensor_dict[{key!r}] differs from what rank {before} sent")
 
     def _ring(self, send: Callable[[], Any], recv: Callable[[], Any]) -> Any:
@@ -343,7 +346,7 @@ class _Suite:
 
     def check_bad_inputs(self):
         if not self.reduces:
-            return self.no_all_reduce() + " (check_send_recv checks bad sends and recvs)"
+            return f"{self.no_all_reduce()} (check_send_recv checks bad sends and recvs)"
         comm, dtype = self.comm, self.dtypes[0]
         x = self.make(ReduceOp.SUM, self.rank, (6, 4), dtype)
         self.raises(CommunicatorError, ["contiguous"], "a non-contiguous tensor",
@@ -478,6 +481,7 @@ class _Suite:
         if not self.gpu:
             return torch.empty(4, device="meta")
         count = torch.cuda.device_count()
+        assert self.device is not None  # a GPU communicator has its device
         if count > 1:
             return torch.zeros(4, device=torch.device("cuda", (self.device + 1) % count))
         return torch.empty(4, device="meta")  # (a CPU tensor is right for a dispatcher with gloo)

@@ -246,7 +246,7 @@ def replay_before_registration() -> dict:
     rank = ctx.info.rank
     x = torch.ones(16384, device="cuda")
     out = torch.zeros_like(x)
-    report = {}
+    report: dict[str, Optional[str]] = {}
     with comm.capture():
         comm.all_reduce(x, out=out)
         torch.cuda.synchronize()

@@ -93,9 +93,10 @@ def concurrent_tp_groups(tp_sizes: tuple = (2, 4), eager_calls: int = 5000, repl
     layouts = {tp: distrib.parallel.layout(tp=tp) for tp in tp_sizes}
     runs = {tp: _Checked(layout.tp, _custom(layout.tp), captured) for tp, layout in layouts.items()}
     streams = {tp: torch.cuda.Stream() for tp in tp_sizes}
+    graphs = {}
     for tp, run in runs.items():
         with torch.cuda.stream(streams[tp]):
-            run.capture_graph = run.capture()
+            graphs[tp] = run.capture()
     torch.cuda.synchronize()
     ctx.coordinator.barrier()
     started = time.perf_counter()
@@ -107,7 +108,7 @@ def concurrent_tp_groups(tp_sizes: tuple = (2, 4), eager_calls: int = 5000, repl
     for shift in range(replays):
         for tp, run in runs.items():
             with torch.cuda.stream(streams[tp]):
-                run.replay(run.capture_graph, shift)
+                run.replay(graphs[tp], shift)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     out = {}
@@ -135,7 +136,8 @@ def late_peer_in_one_group(timeout: float = 2.0, stall: float = 5.0) -> dict:
     rank = ctx.coordinator.rank
     ctx.coordinator.barrier()
     started = time.monotonic()
-    errors, calls, first_error_at = [], 0, None
+    errors: list[str] = []
+    calls, first_error_at = 0, None
     while len(errors) < 2:
         # Every 50 calls the group's rank 0 says whether to go on (a group that stopped has left).
         if calls and calls % 50 == 0:
@@ -256,7 +258,12 @@ def ipc_never_sends(timeout: float = 2.0) -> Optional[dict]:
         time.sleep(timeout + 1.0)
     # Rank 1 gave up (its next call raises at once); rank 0's next send finds the poison rank 1
     # left in its mailbox, and its check raises.
-    seen = _raised(lambda: (comm.send(got, 1 - rank), torch.cuda.synchronize(), comm.check()))
+    def next_call() -> None:
+        comm.send(got, 1 - rank)
+        torch.cuda.synchronize()
+        comm.check()
+
+    seen = _raised(next_call)
     result = {"after": time.monotonic() - started, "next_call": seen,
               "nan": bool(torch.isnan(got).all().item()) if rank == 1 else None}
     ctx.coordinator.barrier()
