@@ -21,6 +21,7 @@ def test_the_wheel_ships_the_kernel_sources_where_the_custom_all_reduce_finds_th
     names = zipfile.ZipFile(wheel).namelist()
     for source in (REPO / "kernels").glob("*.cu*"):
         assert f"distrib/kernels/{source.name}" in names
+    assert "distrib/py.typed" in names  # type checkers read distrib's hints only with it (PEP 561)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     found = subprocess.run(
