@@ -118,6 +118,29 @@ def bind_listener(launch_id: str, port: int | None = None,
     return sock, sock.getsockname()[1]
 
 
+def listen_if_free(port: int, host: str) -> socket.socket | None:
+    """A listening socket on ``host:port``, or None if the port is taken there (another process
+    of this host has it: for a node of a launch, the node that hosts the store)."""
+    try:
+        return bind_listener("", port, host)[0]
+    except ConfigError:
+        if is_port_taken(port, host):
+            return None
+        raise
+
+
+def is_port_taken(port: int, host: str) -> bool:
+    address = _resolve(host)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            return is_address_in_use(exc)
+    return False
+
+
 def host_store(launch_id: str, world_size: int, port: int | None = None, timeout: float = 300.0,
                listener: socket.socket | None = None, host: str = "127.0.0.1"):
     """Bind a TCPStore server for a launcher. Returns ``(store, port)``.

@@ -21,3 +21,9 @@ def rank_list(ranks: Iterable[int]) -> str:
     """[2] -> 'rank 2'; [0, 1, 2, 5] -> 'ranks 0-2, 5'."""
     ordered = sorted(set(ranks))
     return f"rank{'s' if len(ordered) != 1 else ''} {format_ranks(ordered)}"
+
+
+def node_list(nodes: Iterable[int]) -> str:
+    """[1] -> 'node 1'; [1, 2] -> 'nodes 1-2'."""
+    ordered = sorted(set(nodes))
+    return f"node{'s' if len(ordered) != 1 else ''} {format_ranks(ordered)}"

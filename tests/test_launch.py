@@ -144,7 +144,7 @@ def test_timeout_names_the_ranks_still_running():
     with pytest.raises(DistribTimeoutError) as err:
         distrib.launch(workers.hang_on, nprocs=3, args=(1,), start_method="forkserver", timeout=5)
     assert err.value.missing == (1,)
-    assert "ranks 1 were still running" in str(err.value)
+    assert "rank 1 was still running" in str(err.value)
     assert time.monotonic() - start < 15
 
 

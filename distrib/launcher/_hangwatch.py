@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from .._text import format_ranks
+from .._text import format_ranks, node_list, rank_list
 
 __all__ = ["HangWatch", "DUMP_REQUEST_SIGNAL"]
 
@@ -92,7 +92,7 @@ class HangWatch:
         elif stuck:
             first_rank, what = stuck[0]
             others = sorted({r for r, _ in stuck} - {first_rank})
-            also = f" (and on ranks {format_ranks(others)})" if others else ""
+            also = f" (and on {rank_list(others)})" if others else ""
             reason = f"{what} timed out on rank {first_rank}{also}"
             self.report(f"{reason}. Where each rank is:", running, ask_nodes=reason)
             self.monitor.release_stuck()
@@ -190,7 +190,7 @@ class HangWatch:
                 return note
         text = summarize(snapshots, title)
         if silent_nodes:
-            text += f"\n(nodes {format_ranks(silent_nodes)} did not answer within {_NODE_WAIT:g}s)"
+            text += f"\n({node_list(silent_nodes)} did not answer within {_NODE_WAIT:g}s)"
         if self._log_dir:
             path = os.path.join(self._log_dir, time.strftime("stacks-%Y%m%d-%H%M%S.txt"))
             try:

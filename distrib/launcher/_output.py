@@ -37,16 +37,19 @@ class _Stream:
 class OutputRelay:
     """Relays worker pipes to ``stdout``/``stderr`` with rank prefixes, and to log files.
 
-    ``add(rank, stdout_fd, stderr_fd)`` hands over the read ends of one
+    ``show(rank)`` chooses the ranks on the console, ``streams(rank)`` which of a
+    shown rank's streams (bits: 1 stdout, 2 stderr). ``add(rank, stdout_fd, stderr_fd)`` hands over the read ends of one
     worker's pipes (the relay closes them). ``close(timeout)`` waits for
     every pipe to reach end-of-file, then flushes and closes the log files.
     """
 
     def __init__(self, stdout: BinaryIO, stderr: BinaryIO, log_dir: Optional[str] = None,
-                 show: Optional[Callable[[int], bool]] = None, prefix: bool = True):
+                 show: Optional[Callable[[int], bool]] = None, prefix: bool = True,
+                 streams: Optional[Callable[[int], int]] = None):
         self._out, self._err = stdout, stderr
         self._log_dir = log_dir
         self._show = show or (lambda rank: True)
+        self._streams = streams or (lambda rank: 3)  # bits of a shown rank's streams on the console
         self._prefix = prefix
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()  # one writer at a time per console stream
@@ -66,12 +69,12 @@ class OutputRelay:
             log = self._logs.get(rank)
             if log is None:
                 log = self._logs[rank] = open(log_file_path(self._log_dir, rank), "ab", buffering=0)
-        shown = self._show(rank)
+        streams = self._streams(rank) if self._show(rank) else 0
         with self._changed:
-            for fd, console in ((stdout_fd, self._out), (stderr_fd, self._err)):
+            for fd, console, bit in ((stdout_fd, self._out, 1), (stderr_fd, self._err, 2)):
                 os.set_blocking(fd, False)
                 self._selector.register(fd, selectors.EVENT_READ,
-                                        _Stream(rank, fd, console if shown else None, log))
+                                        _Stream(rank, fd, console if streams & bit else None, log))
                 self._open += 1
         os.write(self._wake_w, b"x")
 

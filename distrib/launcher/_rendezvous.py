@@ -25,9 +25,9 @@ import json
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
-from .._text import format_ranks
+from .._text import format_ranks, node_list
 from ..errors import CoordinatorError, DistribTimeoutError, WorkerFailure
 
 __all__ = ["NodePlan", "NodeRendezvous"]
@@ -64,9 +64,11 @@ class NodeRendezvous:
         self._reports_seen = 0  # report requests already handled (or made) by this node
 
     @staticmethod
-    def connect(master_addr: str, port: int, node_rank: int, timeout: float,
+    def connect(master_addr: str, port: int, node_rank: Optional[int], timeout: float,
                 should_stop: Callable[[], None] = lambda: None):
         """A client of node 0's store; a timeout names node 0 as the missing node.
+
+        ``node_rank`` is for the message (None: this node has no number yet).
 
         Tries in short slices, calling ``should_stop`` between them (it may
         raise to abandon the wait, e.g. on Ctrl-C).
@@ -84,12 +86,23 @@ class NodeRendezvous:
                 if time.monotonic() < deadline:
                     time.sleep(0.1)
                     continue
+                who = "this node" if node_rank is None else f"node {node_rank}"
                 raise DistribTimeoutError(
-                    f"node {node_rank} could not reach node 0's rendezvous store at "
-                    f"{master_addr}:{port} within {timeout:g}s (missing: node 0). Start node 0 "
-                    "(--node-rank 0) with the same --master-addr/--master-port, check that the "
+                    f"{who} could not reach node 0's rendezvous store at {master_addr}:{port} within "
+                    f"{timeout:g}s (missing: node 0). Start node 0 (the node whose address that is) "
+                    "with the same --master-addr/--master-port (or --rdzv-endpoint), check that the "
                     f"address is reachable from this host, or raise --rdzv-timeout. ({_first_line(exc)})",
                     missing=[0]) from exc
+
+    @staticmethod
+    def take_node_rank(store, launch_id: str, nnodes: int) -> int:
+        """The next node number (1, 2, ...) for a node that joins without one; node 0 hosts the store."""
+        rank = int(store.add(f"distrib/{launch_id}/node-ranks", 1))
+        if rank >= nnodes:
+            raise CoordinatorError(
+                f"more than --nnodes {nnodes} nodes joined the launch at the same rendezvous "
+                f"({rank + 1} so far); start exactly {nnodes}, or give each its --node-rank")
+        return rank
 
     def join(self, nprocs: int, secret: str, timeout: float,
              should_stop: Callable[[], None] = lambda: None) -> NodePlan:
@@ -120,7 +133,7 @@ class NodeRendezvous:
                 joined = [k for k in range(self.nnodes) if k not in missing]
                 raise DistribTimeoutError(
                     f"node {self.node_rank} waited {timeout:g}s for {self.nnodes} nodes; "
-                    f"nodes {format_ranks(missing)} never joined (joined: {format_ranks(joined)}). "
+                    f"{node_list(missing)} never joined (joined: {format_ranks(joined)}). "
                     "Start distrib-run on the missing nodes with the same --nnodes, --master-addr "
                     "and --master-port, or raise --rdzv-timeout.", missing=missing) from None
         records = [json.loads(store.get(k)) for k in keys]

@@ -27,8 +27,13 @@ def failure_summary(error: WorkerFailedError, tail: int = TRACEBACK_LINES) -> st
     code or signal name, and the last ``tail`` lines of its traceback.
     """
     failures = error.failures
-    lines = [f"distrib-run: {len(failures)} rank{'s' if len(failures) != 1 else ''} failed "
-             f"(the first failure is the root cause)"]
+    earlier = getattr(error, "earlier_attempts", ())  # (attempt, cause) before restarts
+    lines = [f"distrib-run: attempt {k} failed: {cause}" for k, cause in earlier]
+    if earlier:
+        lines.append(f"distrib-run: attempt {len(earlier)} (the last) failed too; gave up after "
+                     f"{len(earlier)} restart{'s' if len(earlier) != 1 else ''}")
+    lines += [f"distrib-run: {len(failures)} rank{'s' if len(failures) != 1 else ''} failed "
+              f"(the first failure is the root cause)"]
     for failure in failures:
         mark = " [root cause]" if failure is error.root_cause else ""
         lines.append(f"  {failure.describe()}; exit code {exit_code_of(failure)}{mark}")

@@ -85,7 +85,7 @@ class SrunStep:
                 process.send_signal(signum)
                 self._finish_within_grace(process)
                 raise LaunchInterrupted(signum, (
-                    f"distrib-run received {signal_name(signum)}; passed it to every task through "
+                    f"received {signal_name(signum)}; passed it to every task through "
                     "srun and stopped the step"))
             if deadline is not None and time.monotonic() >= deadline:
                 process.terminate()

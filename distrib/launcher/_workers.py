@@ -13,7 +13,7 @@ import time
 from typing import Callable, Mapping, Optional, Sequence
 
 from ..errors import LaunchError, WorkerFailure
-from ._errorfile import read_error_file
+from ._errorfile import read_error_file, read_torch_error_file, torch_error_file
 from ._process import signal_name, stop_processes
 
 __all__ = ["WorkerProcess", "stop_workers"]
@@ -59,7 +59,7 @@ class WorkerProcess:
         return code
 
     def has_record(self) -> bool:
-        return os.path.exists(self.error_file)
+        return os.path.exists(self.error_file) or os.path.exists(torch_error_file(self.error_file))
 
     def failure(self) -> Optional[WorkerFailure]:
         """How this worker failed (from its error record and exit status), or ``None``.
@@ -69,7 +69,7 @@ class WorkerProcess:
         peer's process ended before it.
         """
         code = self.process.returncode
-        record = read_error_file(self.error_file)
+        record = read_error_file(self.error_file) or read_torch_error_file(torch_error_file(self.error_file))
         if record is None and (code is None or code == 0):
             return None
         when = self.exit_time or time.time()

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Mapping, Optional
 from ..errors import LaunchError
 from ..registry import Registry
 
-__all__ = ["Launcher", "CommandLauncher", "Command", "CommandOptions", "LaunchInterrupted",
+__all__ = ["Launcher", "CommandLauncher", "Command", "CommandOptions", "StreamSpec", "LaunchInterrupted",
            "launchers"]
 
 
@@ -48,23 +48,47 @@ class Launcher(ABC):
 
 @dataclass(frozen=True)
 class Command:
-    """The program every worker runs: a script path (or a module, ``module=True``) and its arguments."""
+    """The program every worker runs: a script path (or a module, ``module=True``) and its
+    arguments; with ``no_python=True``, an executable run as it is (a shell script, a binary)."""
 
     program: str
     args: tuple[str, ...] = ()
     module: bool = False
+    no_python: bool = False
 
     def bootstrap_argv(self, python: str = sys.executable) -> list[str]:
         """The worker's command line: the program run through distrib's bootstrap.
 
         The bootstrap records an uncaught exception for the launcher (see
-        :mod:`distrib.launcher._bootstrap`), so no decorator is needed.
+        :mod:`distrib.launcher._bootstrap`), so no decorator is needed. An
+        executable (``no_python``) runs directly: its exit code or signal is its report.
         """
+        if self.no_python:
+            return [self.program, *self.args]
         target = ["-m", self.program] if self.module else [self.program]
         return [python, "-m", "distrib.launcher._bootstrap", *target, *self.args]
 
     def __str__(self) -> str:
         return " ".join((["-m"] if self.module else []) + [self.program, *self.args])
+
+
+STDOUT, STDERR = 1, 2  # stream bits, as torchrun's --redirects and --tee count them
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Which output streams of which local ranks an option covers (torchrun's --redirects
+    and --tee): ``every`` for every local rank, ``per_rank`` for some (bits: 1 stdout,
+    2 stderr, 3 both)."""
+
+    every: int = 0
+    per_rank: Mapping[int, int] = field(default_factory=dict)
+
+    def streams(self, local_rank: int) -> int:
+        return self.per_rank.get(local_rank, self.every)
+
+    def __bool__(self) -> bool:
+        return bool(self.every or any(self.per_rank.values()))
 
 
 @dataclass(frozen=True)
@@ -76,7 +100,7 @@ class CommandOptions:
     """
 
     nnodes: int = 1
-    node_rank: int = 0
+    node_rank: Optional[int] = 0           # None: assigned as nodes join (the store's host is node 0)
     master_addr: Optional[str] = None      # None: this host (single node only)
     master_port: Optional[int] = None      # None: derived from launch_id
     launch_id: Optional[str] = None        # None: fresh per launch (single node)
@@ -89,6 +113,10 @@ class CommandOptions:
     timeout: Optional[float] = None        # bound on the whole launch
     heartbeat_timeout: Optional[float] = None  # silence before a rank is reported (None: 5 s)
     env: Mapping[str, str] = field(default_factory=dict)  # extra variables for every worker
+    max_restarts: int = 0                  # times every rank is started again after a failure
+    local_addr: Optional[str] = None       # this node's address for the rendezvous
+    redirects: StreamSpec = field(default_factory=StreamSpec)  # streams kept off the console
+    local_ranks_filter: Optional[frozenset[int]] = None  # show only these local ranks' output
 
 
 class CommandLauncher(Launcher):

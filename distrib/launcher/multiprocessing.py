@@ -34,7 +34,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from .._network import loopback_gloo_env
-from .._text import format_ranks
+from .._text import rank_list
 from ..errors import ConfigError, DistribTimeoutError, LaunchError, WorkerFailedError, WorkerFailure
 from ..info import LOCAL_GPUS_VAR, SHARE_GPU_VAR, LaunchInfo
 from .api import Launcher, launchers
@@ -310,7 +310,7 @@ def _supervise(workers: list[_Worker], timeout: Optional[float], hangwatch: Hang
             where = hangwatch.report(f"the launch timed out after {timeout:g}s. Where each rank was:",
                                      still, write=False)
             raise DistribTimeoutError(
-                f"launch timed out after {timeout:g}s; ranks {format_ranks(still)} were still running "
+                f"launch timed out after {timeout:g}s; {rank_list(still)} {'was' if len(still) == 1 else 'were'} still running "
                 "and have been stopped" + (f"\n{where}" if where else ""), missing=still)
         hangwatch.check(set(running), 0.0)
     failed = [w.failure for w in workers if w.failure is not None]

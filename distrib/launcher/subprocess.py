@@ -28,11 +28,12 @@ import uuid
 from typing import Callable, Optional
 
 from .._store import OneNodeStore, one_node_store
-from .._text import format_ranks
+from .._text import node_list, rank_list
 from ..errors import (ConfigError, CoordinatorError, DistribError, DistribTimeoutError,
                       LaunchError, WorkerFailedError, WorkerFailure)
 from ..info import LOCAL_GPUS_VAR, SHARE_GPU_VAR, LaunchInfo
-from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR
+from .._store import BIND_ADDR_VAR
+from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR, TORCH_ERROR_FILE_VAR, torch_error_file
 from ._devices import assign_devices, auto_nprocs, most_ranks_on_a_gpu, shares_gpus
 from ._guardian import Guardian
 from ._hangwatch import HangWatch
@@ -67,22 +68,103 @@ class SubprocessLauncher(CommandLauncher):
         if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
             raise ConfigError(f"nprocs={nprocs!r} is invalid; expected an integer >= 1 or auto")
         _check_nodes(options)
+        _check_console_filters(options, nprocs)
         device_of = assign_devices(options.devices, nprocs, share_gpu=options.share_gpu,
                                    world_size=nprocs * options.nnodes)
-        launch = _Launch(target, nprocs, options, device_of,
-                         self._stdout or sys.stdout.buffer, self._stderr or sys.stderr.buffer)
-        return launch.run()
+        stdout, stderr = self._stdout or sys.stdout.buffer, self._stderr or sys.stderr.buffer
+        signals: list[int] = []
+        previous_handlers = record_stop_signals(signals)
+        try:
+            node = _NodeStore.open(options, lambda: _raise_if_interrupted(signals, "while the nodes were "
+                                                                          "meeting; no worker had started"))
+            try:
+                return _attempts(target, nprocs, options, device_of, stdout, stderr, node, signals)
+            finally:
+                node.close()
+        finally:
+            restore_signals(previous_handlers)
+
+
+def _attempts(command: Command, nprocs: int, options: CommandOptions, device_of: list, stdout, stderr,
+              node: "_NodeStore", signals: list[int]) -> list[int]:
+    """Attempt 0, then a restart after each failure, up to ``options.max_restarts``.
+
+    A restart stops every rank (on every node: they learn of the failure as
+    always) and starts them all again, with a fresh rendezvous of the nodes and
+    fresh keys in the store (``TORCHELASTIC_RESTART_COUNT`` counts up, and
+    torch's ``env://`` init prefixes its keys with it). Ctrl-C and SIGTERM,
+    here or on another node, never restart; nor does the loss of node 0's store.
+    """
+    earlier: list[tuple[int, str]] = []  # (attempt, what ended it)
+    note = _Notes(stderr)
+    for attempt in range(options.max_restarts + 1):
+        launch = _Launch(command, nprocs, options, device_of, stdout, stderr, node, signals, attempt)
+        try:
+            codes = launch.run()
+        except (WorkerFailedError, CoordinatorError) as exc:
+            if not _restartable(exc) or attempt == options.max_restarts:
+                if earlier:
+                    _attach_attempts(exc, earlier)
+                raise
+            cause = exc.root_cause.describe() if isinstance(exc, WorkerFailedError) else str(exc)
+            earlier.append((attempt, cause))
+            note(f"attempt {attempt} failed: {cause}; restarting every rank "
+                 f"(restart {attempt + 1} of {options.max_restarts})")
+            continue
+        if earlier:
+            note("\n".join([f"attempts: {len(earlier) + 1}, the last succeeded"] +
+                           [f"  attempt {k}: {cause}" for k, cause in earlier] +
+                           [f"  attempt {attempt}: succeeded"]))
+        return codes
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _restartable(exc: Exception) -> bool:
+    """Whether a failed attempt may be restarted: not an interruption (here or on another node),
+    and not the loss of node 0's store (there is nothing left to meet in)."""
+    if isinstance(exc, WorkerFailedError):
+        return exc.root_cause.exc_type != INTERRUPTED
+    return isinstance(exc, _LostNodes)
+
+
+def _attach_attempts(exc: Exception, earlier: list[tuple[int, str]]) -> None:
+    """The earlier attempts' causes, for the final report (see failure_summary)."""
+    exc.earlier_attempts = tuple(earlier)  # type: ignore[attr-defined]
+    if not isinstance(exc, WorkerFailedError):
+        exc.args = (str(exc) + "".join(f"\n  attempt {k} failed before: {cause}" for k, cause in earlier),)
+
+
+class _Notes:
+    """distrib-run's own lines on ``stderr``, outside any attempt's output relay."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __call__(self, text: str) -> None:
+        data = "".join(f"distrib-run: {line}\n" for line in text.splitlines()).encode(errors="replace")
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _raise_if_interrupted(signals: list[int], when: str) -> None:
+    if signals:
+        raise LaunchInterrupted(signals[0], f"received {signal_name(signals[0])} {when}")
 
 
 def _check_nodes(options: CommandOptions) -> None:
     if options.nnodes < 1:
         raise ConfigError(f"--nnodes {options.nnodes} is invalid; expected an integer >= 1")
-    if not 0 <= options.node_rank < options.nnodes:
+    if options.node_rank is None and options.nnodes == 1:
+        raise ConfigError("node_rank=None (nodes number themselves) needs several nodes")
+    if options.node_rank is not None and not 0 <= options.node_rank < options.nnodes:
         raise ConfigError(f"--node-rank {options.node_rank} is invalid; expected 0 <= node rank < "
                           f"--nnodes {options.nnodes}")
     if options.nnodes > 1 and not options.master_addr:
-        raise ConfigError(f"--nnodes {options.nnodes} needs --master-addr: the address of node 0, "
-                          "reachable from every node")
+        raise ConfigError(f"--nnodes {options.nnodes} needs --master-addr (or --rdzv-endpoint): the "
+                          "address of node 0, reachable from every node")
     if options.nnodes > 1 and options.master_port is None and not options.launch_id:
         raise ConfigError(
             f"--nnodes {options.nnodes} needs --master-port (or --launch-id, from which the port "
@@ -92,21 +174,136 @@ def _check_nodes(options: CommandOptions) -> None:
             raise ConfigError(f"{name}={getattr(options, name)!r} is invalid; expected seconds > 0")
     if options.timeout is not None and not options.timeout > 0:
         raise ConfigError(f"timeout={options.timeout!r} is invalid; expected seconds > 0")
+    if options.max_restarts < 0:
+        raise ConfigError(f"max_restarts={options.max_restarts!r} is invalid; expected an integer >= 0")
+
+
+def _check_console_filters(options: CommandOptions, nprocs: int) -> None:
+    """Ranks named for the console must exist (the world size is known up front when every node
+    runs ``nprocs``, as distrib-run's nodes do)."""
+    world = nprocs * options.nnodes
+    for option, chosen, size, what in (("--show-ranks", options.show_ranks, world, "the launch has"),
+                                       ("--local-ranks-filter", options.local_ranks_filter, nprocs,
+                                        "each node has local")):
+        outside = sorted(r for r in chosen or () if r >= size)
+        if outside:
+            raise ConfigError(f"{option} names {rank_list(outside)}, but {what} ranks 0-{size - 1}; "
+                              "expected ranks in that range")
+
+
+def _console_filter(options: CommandOptions, offset: int) -> Optional[Callable[[int], bool]]:
+    """Which global ranks the console shows: --show-ranks, or --local-ranks-filter on this node."""
+    if options.show_ranks is not None:
+        return options.show_ranks.__contains__
+    if options.local_ranks_filter is not None:
+        local = options.local_ranks_filter
+        return lambda rank: rank - offset in local
+    return None
+
+
+INTERRUPTED = "distrib.launcher.LaunchInterrupted"  # exc_type of a node's notice that it was interrupted
+
+
+class _LostNodes(CoordinatorError):
+    """Node 0 stopped hearing from other nodes (a restart may meet them again)."""
+
+
+class _NodeStore:
+    """The launch's rendezvous store as this node's distrib-run holds it, for every attempt.
+
+    On one node: a store of its own (:func:`~distrib._store.one_node_store`).
+    On several: node 0 hosts it, the others are clients. Nodes without a
+    ``node_rank`` number themselves: the one that can host the store at
+    ``master_addr`` (an address of its host, the port free) is node 0, the
+    others take 1, 2, ... in the order they connect.
+    """
+
+    def __init__(self, store, launch_id: str, port: int, master_addr: str, node_rank: int):
+        self.store, self.launch_id, self.port = store, launch_id, port
+        self.master_addr, self.node_rank = master_addr, node_rank
+
+    @classmethod
+    def open(cls, options: CommandOptions, should_stop: Callable[[], None]) -> "_NodeStore":
+        from .._store import bind_listener, host_store, listen_if_free, store_host
+        from ..ports import port_for_launch_id
+
+        if options.nnodes == 1:
+            launch_id = options.launch_id or uuid.uuid4().hex
+            master_addr = options.master_addr or "127.0.0.1"
+            listener, port = bind_listener(launch_id, options.master_port,
+                                           options.local_addr or store_host(master_addr, 1))
+            return cls(one_node_store(listener, options.rdzv_timeout), launch_id, port, master_addr, 0)
+        port = options.master_port
+        launch_id = options.launch_id or f"{options.master_addr}:{port}"
+        if port is None:  # every node derives the same port; no probing (others could not follow)
+            port = port_for_launch_id(launch_id)
+        master_addr, node_rank = options.master_addr, options.node_rank
+        host = options.local_addr or store_host(master_addr, options.nnodes)
+        if node_rank == 0:
+            store, port = host_store(launch_id, options.nnodes, port=port, timeout=options.rdzv_timeout,
+                                     host=host)
+            return cls(store, launch_id, port, master_addr, 0)
+        if node_rank is None and _is_this_host(master_addr, options.local_addr):
+            # The first node of this host to take the port hosts; another node here joins it.
+            listener = listen_if_free(port, host)
+            if listener is not None:
+                store, port = host_store(launch_id, options.nnodes, timeout=options.rdzv_timeout,
+                                         listener=listener)
+                return cls(store, launch_id, port, master_addr, 0)
+        from ._rendezvous import NodeRendezvous
+
+        store = NodeRendezvous.connect(master_addr, port, node_rank, options.rdzv_timeout,
+                                       should_stop=should_stop)
+        if node_rank is None:
+            node_rank = NodeRendezvous.take_node_rank(store, launch_id, options.nnodes)
+        return cls(store, launch_id, port, master_addr, node_rank)
+
+    def check(self) -> None:
+        if isinstance(self.store, OneNodeStore):
+            self.store.check()
+
+    def close(self) -> None:
+        if isinstance(self.store, OneNodeStore):
+            self.store.close()
+        self.store = None
+
+
+def _is_this_host(master_addr: str, local_addr: Optional[str]) -> bool:
+    """Whether ``master_addr`` is an address of this host (and ``local_addr``'s, when given)."""
+    import socket
+
+    from .._store import _resolve
+
+    try:
+        address = _resolve(master_addr)
+        if local_addr and _resolve(local_addr) != address:
+            return False
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))  # only an address of this host can be bound
+        return True
+    except (OSError, ConfigError):
+        return False
 
 
 class _Launch:
     """One node's share of one launch, from the store to the last worker's exit."""
 
-    def __init__(self, command: Command, nprocs: int, options: CommandOptions,
-                 device_of: list, stdout, stderr):
+    def __init__(self, command: Command, nprocs: int, options: CommandOptions, device_of: list,
+                 stdout, stderr, node: _NodeStore, signals: list[int], attempt: int = 0):
         self.command = command
         self.nprocs = nprocs
         self.options = options
         self.device_of = device_of
         self.stdout, self.stderr = stdout, stderr
         self.multi_node = options.nnodes > 1
+        self.node = node
+        self.node_rank = node.node_rank
+        self.attempt = attempt
+        # Each attempt has keys of its own in the store (a restart starts afresh).
+        self.launch_id = node.launch_id if attempt == 0 else f"{node.launch_id}.{attempt}"
         self.workers: list[WorkerProcess] = []
-        self.signals: list[int] = []
+        self.signals = signals
         self.rendezvous = None
         self.hangwatch: Optional[HangWatch] = None
         self.mps = None
@@ -119,12 +316,6 @@ class _Launch:
         from .._store import AGENT_STORE_VAR
 
         self._agent_store_var = AGENT_STORE_VAR
-        previous_handlers = record_stop_signals(self.signals)
-        try:
-            store, launch_id, port, master_addr = self._store()
-        except BaseException:
-            restore_signals(previous_handlers)
-            raise
         scratch = tempfile.mkdtemp(prefix="distrib-run-")
         guardian = relay = None
         try:
@@ -132,18 +323,18 @@ class _Launch:
             if self.multi_node:
                 from ._rendezvous import NodeRendezvous
 
-                self.rendezvous = NodeRendezvous(store, launch_id, options.nnodes, options.node_rank)
+                self.rendezvous = NodeRendezvous(self.node.store, self.launch_id, options.nnodes,
+                                                 self.node_rank)
                 plan = self.rendezvous.join(self.nprocs, secret, options.rdzv_timeout,
                                             should_stop=self._stop_requested)
                 world_size, offset, secret = plan.world_size, plan.rank_offset, plan.secret
             else:
                 world_size, offset = self.nprocs, 0
+            show = _console_filter(options, offset)
             if options.log_dir:
                 os.makedirs(options.log_dir, exist_ok=True)
-            show: Optional[Callable[[int], bool]] = None
-            if options.show_ranks is not None:
-                show = options.show_ranks.__contains__
-            relay = OutputRelay(self.stdout, self.stderr, options.log_dir, show)
+            relay = OutputRelay(self.stdout, self.stderr, options.log_dir, show,
+                                streams=lambda rank: 3 & ~options.redirects.streams(rank - offset))
             self.hangwatch = HangWatch(secret, relay.note, scratch, options.log_dir,
                                        options.heartbeat_timeout, nodes=self.rendezvous)
             self.hangwatch.install_signal()
@@ -157,18 +348,17 @@ class _Launch:
             guardian = Guardian.start()
             guardian.remove_later(scratch)
             for local_rank in range(self.nprocs):
-                info = LaunchInfo(launch_id=launch_id, rank=offset + local_rank,
+                info = LaunchInfo(launch_id=self.launch_id, rank=offset + local_rank,
                                   world_size=world_size, local_rank=local_rank,
-                                  local_world_size=self.nprocs, node_rank=options.node_rank,
-                                  nnodes=options.nnodes, master_addr=master_addr,
-                                  master_port=port, secret=secret)
+                                  local_world_size=self.nprocs, node_rank=self.node_rank,
+                                  nnodes=options.nnodes, master_addr=self.node.master_addr,
+                                  master_port=self.node.port, secret=secret)
                 self._start(info, scratch, relay, guardian)
                 if self.signals:
                     break
-            return self._supervise(store if isinstance(store, OneNodeStore) else None)
+            return self._supervise()
         finally:
             self._stop(signal.SIGTERM)
-            restore_signals(previous_handlers)
             if self.hangwatch is not None:
                 self.hangwatch.close()
             if relay is not None:
@@ -179,54 +369,26 @@ class _Launch:
             shutil.rmtree(scratch, ignore_errors=True)
             if guardian is not None:
                 guardian.release()  # after the folder: a launcher killed before is still covered
-            if isinstance(store, OneNodeStore):
-                store.close()
-            del store
-
-    def _store(self):
-        """Host (node 0) or reach (other nodes) the store.
-
-        Returns ``(store, launch_id, port, master_addr)``. On a single node
-        the store is a helper process unless torch is imported here already
-        (:func:`~distrib._store.one_node_store`): the workers start, and are
-        supervised, while it imports torch.
-        """
-        from .._store import bind_listener, host_store, store_host
-        from ..ports import port_for_launch_id
-
-        options = self.options
-        if not self.multi_node:
-            launch_id = options.launch_id or uuid.uuid4().hex
-            master_addr = options.master_addr or "127.0.0.1"
-            listener, port = bind_listener(launch_id, options.master_port, store_host(master_addr, 1))
-            return one_node_store(listener, options.rdzv_timeout), launch_id, port, master_addr
-        port = options.master_port
-        launch_id = options.launch_id or f"{options.master_addr}:{port}"
-        if port is None:  # every node derives the same port; no probing (others could not follow)
-            port = port_for_launch_id(launch_id)
-        if options.node_rank == 0:
-            store, port = host_store(launch_id, options.nnodes, port=port,
-                                     timeout=options.rdzv_timeout,
-                                     host=store_host(options.master_addr, options.nnodes))
-        else:
-            from ._rendezvous import NodeRendezvous
-
-            store = NodeRendezvous.connect(options.master_addr, port, options.node_rank,
-                                           options.rdzv_timeout, should_stop=self._stop_requested)
-        return store, launch_id, port, options.master_addr
 
     def _start(self, info: LaunchInfo, scratch: str, relay: OutputRelay, guardian: Guardian) -> None:
         options = self.options
         error_file = os.path.join(options.log_dir or scratch, f"rank{info.rank}.error.json")
-        try:
-            os.unlink(error_file)  # a record from an earlier launch into the same --log-dir
-        except FileNotFoundError:
-            pass
+        for stale in (error_file, torch_error_file(error_file)):
+            try:
+                os.unlink(stale)  # a record from an earlier launch (or attempt) into the same folder
+            except FileNotFoundError:
+                pass
         env = dict(os.environ)
         env.update(options.env)
         env.update(info.to_env())
         env.update({self._agent_store_var: "True", LAUNCHER_PID_VAR: str(os.getpid()),
-                    ERROR_FILE_VAR: error_file})
+                    ERROR_FILE_VAR: error_file,
+                    # As torchrun: the attempt, its bound, and where torch's @record writes.
+                    "TORCHELASTIC_RESTART_COUNT": str(self.attempt),
+                    "TORCHELASTIC_MAX_RESTARTS": str(options.max_restarts),
+                    TORCH_ERROR_FILE_VAR: torch_error_file(error_file)})
+        if options.local_addr:
+            env[BIND_ADDR_VAR] = options.local_addr
         env.update(self.hangwatch.worker_env(info.rank))
         env.update(self.shared_env)
         env.setdefault("PYTHONUNBUFFERED", "1")  # lines reach the console as they are printed
@@ -261,13 +423,12 @@ class _Launch:
             env["DISTRIB_DEVICE"] = str(device)
 
     # -- supervision ----------------------------------------------------------
-    def _supervise(self, one_node: Optional[OneNodeStore] = None) -> list[int]:
+    def _supervise(self) -> list[int]:
         options = self.options
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         next_remote = 0.0
         while True:
-            if one_node is not None:
-                one_node.check()
+            self.node.check()
             codes = [w.poll() for w in self.workers]
             # A failure counts once its process has exited (so that its traceback is
             # printed in full); its error record's time still makes it the root cause.
@@ -287,9 +448,9 @@ class _Launch:
                                       "rank is:", running)
                 self._stop(signal.SIGTERM)
                 raise DistribTimeoutError(
-                    f"launch timed out after {options.timeout:g}s; ranks {format_ranks(running)} "
-                    "were still running and have been stopped (where each was is printed above)",
-                    missing=sorted(running))
+                    f"launch timed out after {options.timeout:g}s; {rank_list(running)} "
+                    f"{'was' if len(running) == 1 else 'were'} still running and stopped (where each "
+                    "was is printed above)", missing=sorted(running))
             if self.rendezvous is not None and time.monotonic() >= next_remote:
                 next_remote = time.monotonic() + _REMOTE_POLL
                 self._check_other_nodes()
@@ -299,11 +460,11 @@ class _Launch:
         """This node's workers all exited 0; node 0 waits for the others (their workers use its store)."""
         if self.rendezvous is not None:
             self._call_store(self.rendezvous.finish)
-            while self.options.node_rank == 0 and self._call_store(self.rendezvous.pending_nodes):
+            while self.node_rank == 0 and self._call_store(self.rendezvous.pending_nodes):
                 if self.signals:
                     raise LaunchInterrupted(self.signals[0], (
-                        f"distrib-run received {signal_name(self.signals[0])} while waiting for "
-                        "the other nodes to finish"))
+                        f"received {signal_name(self.signals[0])} while waiting for the other nodes "
+                        "to finish"))
                 self._check_other_nodes()
                 time.sleep(_REMOTE_POLL)
         return [0] * self.nprocs
@@ -329,14 +490,14 @@ class _Launch:
             teardown = time.time()
             self._stop(signal.SIGTERM)
             raise WorkerFailedError(remote + self._failures(teardown))
-        if self.options.node_rank == 0:
+        if self.node_rank == 0:
             lost = self._call_store(self.rendezvous.lost_nodes)
             if lost:
                 self._lost_nodes.update(lost)
                 self._stop(signal.SIGTERM)
-                raise CoordinatorError(
-                    f"nodes {format_ranks(lost)} stopped responding (their distrib-run was killed, "
-                    "or their host is unreachable); stopped this node's workers")
+                raise _LostNodes(
+                    f"{node_list(lost)} stopped responding (their distrib-run was killed, or their "
+                    "host is unreachable); stopped this node's workers")
 
     def _call_store(self, fn, quiet: bool = False):
         """A store operation; losing node 0's store stops this node's workers."""
@@ -349,7 +510,7 @@ class _Launch:
                 return None
             self._stop(signal.SIGTERM)
             raise CoordinatorError(
-                f"node {self.options.node_rank} lost the rendezvous store on node 0 "
+                f"node {self.node_rank} lost the rendezvous store on node 0 "
                 f"({self.options.master_addr}): {exc}. Node 0's distrib-run has probably exited or "
                 "was killed; stopped this node's workers.") from exc
 
@@ -376,14 +537,14 @@ class _Launch:
         running = [w.rank for w in self.workers if w.poll() is None]
         if self.rendezvous is not None:
             notice = WorkerFailure(rank=self.workers[0].rank if self.workers else 0,
-                                   timestamp=time.time(), signal_name=signal_name(signum),
-                                   message=f"distrib-run on node {self.options.node_rank} was "
+                                   timestamp=time.time(), exc_type=INTERRUPTED,
+                                   message=f"distrib-run on node {self.node_rank} was "
                                            f"interrupted by {signal_name(signum)}")
             self._call_store(lambda: self.rendezvous.report_failure(notice), quiet=True)
         self._stop(signum)
         raise LaunchInterrupted(signum, (
-            f"distrib-run received {signal_name(signum)}; passed it to ranks "
-            f"{format_ranks(running) or 'none'} and stopped them"))
+            f"received {signal_name(signum)}; passed it to {rank_list(running) if running else 'no rank'} "
+            "and stopped them"))
 
     # -- stopping -------------------------------------------------------------
     def _stop(self, first_signal: int) -> None:
@@ -398,7 +559,7 @@ class _Launch:
             return
         try:
             self.rendezvous.finish()
-            if self.options.node_rank == 0:
+            if self.node_rank == 0:
                 # Not for nodes already lost: nobody is there to read anything.
                 deadline = time.monotonic() + _FAILURE_LINGER + self.options.grace
                 while (set(self.rendezvous.pending_nodes()) - self._lost_nodes
@@ -410,10 +571,7 @@ class _Launch:
     # -- signals ----------------------------------------------------------------
     def _stop_requested(self) -> None:
         """Raise LaunchInterrupted if a signal came while the nodes were meeting."""
-        if self.signals:
-            raise LaunchInterrupted(self.signals[0], (
-                f"distrib-run received {signal_name(self.signals[0])} while the nodes were "
-                "meeting; no worker had started"))
+        _raise_if_interrupted(self.signals, "while the nodes were meeting; no worker had started")
 
 
 

@@ -202,7 +202,7 @@ def test_devices_that_are_not_there_are_an_error():
     (["--nnodes", "2", "--master-addr", "127.0.0.1"], "needs --master-port"),
     (["--node-rank", "1"], "expected 0 <= node rank < --nnodes 1"),
     (["--launcher", "multiprocessing"], "runs Python callables"),
-    (["--launcher", "nope"], "unknown launcher 'nope'; known:"),
+    (["--launcher", "nope"], "launcher 'nope' is unknown; distrib-run can use: slurm, subprocess"),
 ])
 def test_bad_arguments_say_what_was_expected(args, message):
     result = run_cli(*args, script("hello.py"), timeout=60)
@@ -213,7 +213,7 @@ def test_bad_arguments_say_what_was_expected(args, message):
 def test_timeout_stops_the_launch_and_names_running_ranks():
     result = run_cli("--nprocs", "2", "--timeout", "2", "--grace", "1", script("fail.py"), "ok", "1")
     assert result.returncode == 1
-    assert "timed out after 2s; ranks 0 were still running" in result.stderr
+    assert "timed out after 2s; rank 0 was still running" in result.stderr
 
 
 def test_registry_lists_command_launchers():

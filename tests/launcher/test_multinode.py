@@ -20,7 +20,7 @@ def test_node_0_alone_times_out_naming_the_missing_node():
     started = time.monotonic()
     result = run_cli(*_node_args(0, free_port(), "--rdzv-timeout", "3"), script("hello.py"))
     assert result.returncode == 1
-    assert "nodes 1 never joined (joined: 0)" in result.stderr
+    assert "node 1 never joined (joined: 0)" in result.stderr
     assert time.monotonic() - started < 30  # the rendezvous timeout, not a linger after it
     assert " hello " not in result.stdout  # no worker started
 

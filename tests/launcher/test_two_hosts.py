@@ -141,6 +141,41 @@ def test_tp_inside_each_host_and_pp_across_hosts_on_gloo(two_hosts):
                                       "step": 3}
 
 
+def test_a_kubeflow_job_runs_with_torchruns_pet_variables_alone(two_hosts):
+    """As a PyTorchJob's containers run `distrib-run train.py` in place of `torchrun train.py`."""
+    nodes = []
+    for k in (1, 0):
+        env = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "2", "PET_NODE_RANK": str(k),
+               "PET_MASTER_ADDR": ADDRESSES[0], "PET_MASTER_PORT": str(PORT)}
+        nodes.append(start_cli("--rdzv-timeout", "60", script("hello.py"), env=env, prefix=two_hosts.prefix(k)))
+    (out1, err1), (out0, err0) = _finish(*nodes, timeout=150)
+    assert nodes[1].returncode == 0 and nodes[0].returncode == 0, err0 + err1
+    ranks = sorted(int(r) for r in re.findall(r" RANK=(\d) ", out0 + out1))
+    assert ranks == [0, 1, 2, 3]
+    assert re.findall(r"NODE_RANK=(\d)", out1) == ["1", "1"]
+
+
+def test_torchrun_style_endpoint_without_node_ranks_numbers_the_hosts(two_hosts):
+    argv = ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+            f"{ADDRESSES[0]}:{PORT}", "--rdzv-timeout", "60", script("hello.py")]
+    nodes = [start_cli(*argv, prefix=two_hosts.prefix(k)) for k in (1, 0)]
+    (out1, err1), (out0, err0) = _finish(*nodes, timeout=150)
+    assert nodes[1].returncode == 0 and nodes[0].returncode == 0, err0 + err1
+    # The host of the endpoint is node 0, the other host node 1.
+    assert set(re.findall(r"NODE_RANK=(\d)", out0)) == {"0"} and set(re.findall(r"NODE_RANK=(\d)", out1)) == {"1"}
+
+
+def test_both_hosts_restart_together_after_a_rank_on_one_fails(two_hosts):
+    nodes = [_node(two_hosts, k, "--max-restarts", "1", script("flaky.py"), "3", "1") for k in (1, 0)]
+    (out1, err1), (out0, err0) = _finish(*nodes, timeout=170)
+    assert nodes[1].returncode == 0, err0
+    assert nodes[0].returncode == 0, err1
+    for out in (out0, out1):
+        assert sorted(set(re.findall(r"attempt=(\d)", out))) == ["0", "1"], out
+    for err in (err0, err1):
+        assert "attempt 0 failed: rank 3" in err and "restart 1 of 1" in err, err
+
+
 def _start_hanging_ranks(two_hosts, tmp_path):
     """Both hosts' distrib-run with 2 ranks each that hang once started; (nodes, the 4 ranks' pids)."""
     nodes = [_node(two_hosts, k, "--grace", "2", script("hang_after_start.py"), str(tmp_path))
