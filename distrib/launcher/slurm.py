@@ -206,8 +206,14 @@ class SlurmLauncher(CommandLauncher):
 
     def srun_argv(self, target: Command, nprocs: Optional[int], options: CommandOptions) -> list[str]:
         """The srun command line for ``target`` (raises ConfigError for options SLURM decides)."""
-        if options.node_rank != 0:
+        if options.node_rank not in (None, 0):
             raise ConfigError("--node-rank is not used with --launcher slurm: srun places the tasks")
+        if options.max_restarts:
+            raise ConfigError("--max-restarts is not supported with --launcher slurm: a failed task ends "
+                              "the step (srun --kill-on-bad-exit); resubmit it, or use sbatch --requeue")
+        if options.redirects or options.local_ranks_filter is not None:
+            raise ConfigError("--redirects and --local-ranks-filter are not used with --launcher slurm; "
+                              "use --show-ranks and --log-dir")
         if options.launch_id:
             raise ConfigError("--launch-id is not used with --launcher slurm: it is derived from "
                               "the job and step ids")

@@ -193,3 +193,20 @@ def test_under_bare_srun_a_rank_killed_in_a_barrier_is_named_by_the_others(slurm
     survivors = re.findall(r"CoordinatorError: world barrier failed on rank ([12])\b.*hosted by rank 0 "
                            r"\(no launcher beside the ranks\): rank 0 has probably exited", result.stderr)
     assert sorted(set(survivors)) == ["1", "2"], result.stderr
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(node_rank=1), "--node-rank is not used"),
+    (dict(max_restarts=2), "--max-restarts is not supported with --launcher slurm"),
+    (dict(local_ranks_filter=frozenset({0})), "--redirects and --local-ranks-filter are not used"),
+])
+def test_options_srun_decides_are_refused_with_the_reason(changes, message):
+    from distrib.launcher.api import Command, CommandOptions
+    from distrib.launcher.slurm import SlurmLauncher
+
+    launcher = SlurmLauncher.__new__(SlurmLauncher)
+    launcher._srun = "srun"
+    with pytest.raises(ConfigError, match=message):
+        launcher.srun_argv(Command("x.py"), 2, CommandOptions(**changes))
+    # Nodes that number themselves (no --node-rank) are srun's to place: no error.
+    assert "x.py" in " ".join(launcher.srun_argv(Command("x.py"), 2, CommandOptions(nnodes=2, node_rank=None)))
