@@ -240,3 +240,19 @@ def test_launch_error_family():
     assert issubclass(WorkerFailedError, distrib.DistribError)
     assert issubclass(DistribTimeoutError, TimeoutError)
     assert issubclass(LaunchError, distrib.DistribError)
+
+
+def test_args_that_are_not_a_sequence_are_a_config_error():
+    with pytest.raises(ConfigError, match=r"args=5 must be a tuple or list .* e\.g\. args=\(5,\)"):
+        distrib.launch(workers.rank_times, 2, args=5, devices="cpu")
+    with pytest.raises(ConfigError, match="kwargs=.* must be a dict"):
+        distrib.launch(workers.rank_times, 2, kwargs=[1], devices="cpu")
+
+
+def test_an_argument_that_cannot_be_pickled_is_named():
+    import threading
+
+    with pytest.raises(ConfigError, match=r"args\[1\] cannot be pickled \(TypeError"):
+        distrib.launch(workers.rank_times, 2, args=(1, threading.Lock()), devices="cpu")
+    with pytest.raises(ConfigError, match=r"kwargs\['lock'\] cannot be pickled"):
+        distrib.launch(workers.rank_times, 2, args=(1,), kwargs={"lock": threading.Lock()}, devices="cpu")

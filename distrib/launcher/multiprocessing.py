@@ -72,7 +72,7 @@ class MultiprocessingLauncher(Launcher):
             kwargs: Optional[Mapping[str, Any]] = None, *, launch_id: Optional[str] = None,
             timeout: Optional[float] = None, devices: Devices = None, share_gpu: bool = False,
             master_port: Optional[int] = None, env: Optional[Mapping[str, str]] = None) -> list[Any]:
-        _check_arguments(target, nprocs, timeout)
+        _check_arguments(target, nprocs, timeout, args, kwargs)
         # Ctrl-C/SIGTERM from here on are recorded and acted on in order (below): one that
         # came while torch is imported could otherwise be lost in its C code.
         signals: list[int] = []
@@ -213,6 +213,11 @@ class _Worker:
         try:
             self.process.start()
         except Exception as exc:
+            culprit = _unpicklable_argument(self.process._args[1], self.process._args[2])
+            if culprit:
+                raise ConfigError(f"{culprit} cannot be pickled ({type(exc).__name__}: {exc}); every "
+                                  "argument travels to the ranks pickled: pass something picklable, "
+                                  "or make it inside the function") from exc
             raise LaunchError(f"could not start rank {self.rank}: {type(exc).__name__}: {exc}") from exc
         finally:
             self._child_end.close()
@@ -328,7 +333,19 @@ def _note(text: str) -> None:
     print("\n".join(f"distrib.launch: {line}" for line in text.splitlines()), file=sys.stderr, flush=True)
 
 
-def _check_arguments(target, nprocs, timeout) -> None:
+def _unpicklable_argument(args: Sequence, kwargs: Mapping[str, Any]) -> Optional[str]:
+    """``args[1]`` or ``kwargs['lock']``: the first argument that does not pickle, or None."""
+    named = [(f"args[{i}]", value) for i, value in enumerate(args)]
+    named += [(f"kwargs[{key!r}]", value) for key, value in kwargs.items()]
+    for name, value in named:
+        try:
+            ForkingPickler.dumps(value)
+        except Exception:  # noqa: BLE001 — any failure to pickle names the argument
+            return name
+    return None
+
+
+def _check_arguments(target, nprocs, timeout, args: Any = (), kwargs: Any = None) -> None:
     if getattr(mp.current_process(), "_inheriting", False):
         raise LaunchError(
             "distrib.launch() was called while a worker process was importing your script. "
@@ -339,6 +356,11 @@ def _check_arguments(target, nprocs, timeout) -> None:
         raise ConfigError(f"nprocs={nprocs!r} is invalid; expected an integer >= 1")
     if timeout is not None and not timeout > 0:
         raise ConfigError(f"timeout={timeout!r} is invalid; expected seconds > 0 or None")
+    if not isinstance(args, (tuple, list)):
+        raise ConfigError(f"args={args!r} must be a tuple or list of fn's positional arguments, e.g. "
+                          f"args=({args!r},)")
+    if kwargs is not None and (not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs)):
+        raise ConfigError(f"kwargs={kwargs!r} must be a dict of fn's keyword arguments by name")
 
 
 def _assign_devices(devices: Devices, nprocs: int, share_gpu: bool) -> list[Optional[int]]:
