@@ -73,7 +73,7 @@ class WorkerFailure:
         if self.exc_type:
             return f"{where} raised {self.exc_type}: {self.message}"
         if self.signal_name:
-            return f"{where} was killed by signal {self.signal_name}"
+            return f"{where} was killed by signal {self.signal_name}" + (f" ({self.message})" if self.message else "")
         return f"{where} exited with code {self.exitcode}" + (
             f" ({self.message})" if self.message else ""
         )

@@ -8,14 +8,16 @@ within one line. A line without its newline is held until the newline comes
 """
 from __future__ import annotations
 
+import collections
 import os
 import selectors
 import threading
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, Deque, Optional
 
 __all__ = ["OutputRelay", "MAX_LINE", "log_file_path"]
 
 MAX_LINE = 64 * 1024  # a longer partial line is written in pieces rather than held
+TAIL_LINES = 20  # the last stderr lines kept per rank, for the failure report
 _READ_SIZE = 65536
 
 
@@ -25,12 +27,15 @@ def log_file_path(log_dir: str, rank: int) -> str:
 
 
 class _Stream:
-    def __init__(self, rank: int, fd: int, console: Optional[BinaryIO], log: Optional[BinaryIO]):
+    def __init__(self, rank: int, fd: int, console: Optional[BinaryIO], log: Optional[BinaryIO],
+                 tail: Optional[Deque[bytes]] = None):
         self.rank = rank
         self.fd = fd
         self.console = console  # None: this rank is not shown
         self.log = log
+        self.tail = tail  # stderr: its last lines, shown or not
         self.partial = b""
+        self.tail_partial = b""
         self.prefix = f"[{rank}] ".encode()
 
 
@@ -54,6 +59,7 @@ class OutputRelay:
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()  # one writer at a time per console stream
         self._logs: dict[int, BinaryIO] = {}
+        self._tails: dict[int, Deque[bytes]] = {}
         self._open = 0
         self._changed = threading.Condition()
         # A self-pipe wakes the thread when a stream is added.
@@ -70,11 +76,13 @@ class OutputRelay:
             if log is None:
                 log = self._logs[rank] = open(log_file_path(self._log_dir, rank), "ab", buffering=0)
         streams = self._streams(rank) if self._show(rank) else 0
+        tail = self._tails.setdefault(rank, collections.deque(maxlen=TAIL_LINES))
         with self._changed:
             for fd, console, bit in ((stdout_fd, self._out, 1), (stderr_fd, self._err, 2)):
                 os.set_blocking(fd, False)
                 self._selector.register(fd, selectors.EVENT_READ,
-                                        _Stream(rank, fd, console if streams & bit else None, log))
+                                        _Stream(rank, fd, console if streams & bit else None, log,
+                                                tail if bit == 2 else None))
                 self._open += 1
         os.write(self._wake_w, b"x")
 
@@ -127,9 +135,19 @@ class OutputRelay:
                 else:
                     self._finish(stream)
 
+    def tail(self, rank: int) -> list[str]:
+        """The last lines rank ``rank`` wrote to stderr (whole lines only)."""
+        with self._lock:
+            return [line.decode(errors="replace") for line in self._tails.get(rank, ())]
+
     def _feed(self, stream: _Stream, data: bytes) -> None:
         if stream.log is not None:
             stream.log.write(data)
+        if stream.tail is not None:
+            *lines, stream.tail_partial = (stream.tail_partial + data).split(b"\n")
+            stream.tail_partial = stream.tail_partial[-MAX_LINE:]
+            with self._lock:
+                stream.tail.extend(line[:1024] for line in lines)
         if stream.console is None:
             return
         buffered = stream.partial + data

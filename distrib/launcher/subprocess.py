@@ -304,6 +304,7 @@ class _Launch:
         self.launch_id = node.launch_id if attempt == 0 else f"{node.launch_id}.{attempt}"
         self.workers: list[WorkerProcess] = []
         self.signals = signals
+        self.relay: Optional[OutputRelay] = None
         self.rendezvous = None
         self.hangwatch: Optional[HangWatch] = None
         self.mps = None
@@ -333,8 +334,8 @@ class _Launch:
             show = _console_filter(options, offset)
             if options.log_dir:
                 os.makedirs(options.log_dir, exist_ok=True)
-            relay = OutputRelay(self.stdout, self.stderr, options.log_dir, show,
-                                streams=lambda rank: 3 & ~options.redirects.streams(rank - offset))
+            relay = self.relay = OutputRelay(self.stdout, self.stderr, options.log_dir, show,
+                                             streams=lambda rank: 3 & ~options.redirects.streams(rank - offset))
             self.hangwatch = HangWatch(secret, relay.note, scratch, options.log_dir,
                                        options.heartbeat_timeout, nodes=self.rendezvous)
             self.hangwatch.install_signal()
@@ -530,8 +531,23 @@ class _Launch:
             if failure is None:
                 continue
             if w.has_record() or (w.exit_time is not None and w.exit_time <= teardown):
-                found.append(failure)
+                found.append(self._explained(failure))
         return found
+
+    def _explained(self, failure: WorkerFailure) -> WorkerFailure:
+        """A rank that gloo aborted (SIGABRT after its 'size doesn't match') is said to be so."""
+        if failure.signal_name != "SIGABRT" or self.relay is None:
+            return failure
+        tail = "\n".join(self.relay.tail(failure.rank))
+        if "gloo" not in tail:
+            return failure
+        import dataclasses
+
+        mismatch = "doesn't match expected size" in tail or "size mismatch" in tail.lower()
+        what = ("gloo aborted it: ranks called a collective with different sizes" if mismatch
+                else "gloo aborted it (its message is above)")
+        return dataclasses.replace(failure, message=f"{what}; run with DISTRIB_DEBUG=1 to compare every call "
+                                                    "across ranks first, naming each rank's shape")
 
     def _interrupted(self, signum: int) -> None:
         running = [w.rank for w in self.workers if w.poll() is None]

@@ -220,3 +220,14 @@ def test_registry_lists_command_launchers():
     assert launchers.get("subprocess") is SubprocessLauncher
     assert issubclass(launchers.get("slurm"), CommandLauncher)
     assert not issubclass(launchers.get("multiprocessing"), CommandLauncher)
+
+
+def test_a_rank_gloo_aborted_after_a_size_mismatch_is_explained_with_the_debug_hint():
+    result = run_cli("--nprocs", "2", script("gloo_mismatch.py"), timeout=120)
+    assert result.returncode == 134, result.stderr  # 128 + SIGABRT
+    root = next(line for line in result.stderr.splitlines() if "[root cause]" in line)
+    assert "killed by signal SIGABRT (gloo aborted it: ranks called a collective with different sizes" in root
+    assert "DISTRIB_DEBUG=1" in root
+    debug = run_cli("--nprocs", "2", script("gloo_mismatch.py"), env={"DISTRIB_DEBUG": "1"}, timeout=120)
+    assert debug.returncode == 1
+    assert "rank 0: all_reduce sum of float32[4] via gloo; rank 1: all_reduce sum of float32[8]" in debug.stderr
