@@ -8,6 +8,7 @@ the same context. A process started without any launcher (plain
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import secrets
 import threading
@@ -65,6 +66,9 @@ def init(coordinator: str = "gloo", timeout: Optional[float] = None) -> Context:
         info, store = _resolve_info(os.environ), None
         if info is None:
             info, store = _single_process()
+            logging.getLogger("distrib").warning(
+                "distrib: no launcher started this process (RANK and WORLD_SIZE are not set), so it "
+                "runs as a world of one rank; start it with distrib-run or distrib.launch for more")
         # A registered coordinator takes timeout= (and store=) besides the base's arguments.
         cls: Callable[..., Coordinator] = coordinators.get(coordinator)
         # A world of one hosts its own store (already bound); others reach theirs by address.

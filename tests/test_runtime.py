@@ -47,3 +47,16 @@ def test_the_layers_are_attributes_of_the_package_without_importing_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_outside_any_launch_one_line_says_it_is_a_world_of_one(clean_env):
+    import subprocess
+    import sys
+
+    code = ("import distrib, torch; comm = distrib.communicator.create(); x = torch.ones(2); comm.all_reduce(x); "
+            "distrib.init(); print(comm.world_size, x.tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1 [1.0, 1.0]"
+    assert out.stderr.count("no launcher started this process") == 1, out.stderr
+    assert "runs as a world of one rank" in out.stderr
