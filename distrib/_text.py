@@ -27,3 +27,8 @@ def node_list(nodes: Iterable[int]) -> str:
     """[1] -> 'node 1'; [1, 2] -> 'nodes 1-2'."""
     ordered = sorted(set(nodes))
     return f"node{'s' if len(ordered) != 1 else ''} {format_ranks(ordered)}"
+
+
+def counted(n: int, word: str, plural: str = "") -> str:
+    """(1, "GPU") -> '1 GPU'; (2, "GPU") -> '2 GPUs'; (2, "process", "processes") -> '2 processes'."""
+    return f"{n} {word if n == 1 else (plural or word + 's')}"

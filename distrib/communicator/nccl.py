@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..errors import CommunicatorError
-from .._text import rank_list
+from .._text import counted, rank_list
 from ..info import SHARE_GPU_VAR, members_sharing_a_gpu
 from .api import Communicator, DeviceType, DType, ReduceOp, TensorView, communicators
 from ._tensors import _torch_stream, stream_of
@@ -82,7 +82,7 @@ class NcclCommunicator(Communicator):
         if device is None:
             return "no CUDA device was given (pass device=, or launch with devices)"
         if not 0 <= device < count:
-            return f"device {device} does not exist; this process sees {count} CUDA devices"
+            return f"device {device} does not exist; this process sees {counted(count, 'CUDA device')}"
         shared = members_sharing_a_gpu(coordinator.info, coordinator.ranks)
         if shared:
             return (f"{ONE_RANK_PER_GPU}, and {rank_list(shared)} of {coordinator.describe()} share GPUs "

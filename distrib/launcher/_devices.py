@@ -5,6 +5,7 @@ import glob
 import os
 from typing import Optional, Sequence
 
+from .._text import counted
 from ..errors import ConfigError
 
 __all__ = ["visible_gpu_count", "usable_cpu_count", "auto_nprocs", "parse_devices", "assign_devices",
@@ -85,7 +86,7 @@ def most_ranks_on_a_gpu(device_of: Sequence[Optional[int]]) -> int:
 
 def assign_devices(devices: Optional[Sequence[int]], nprocs: int, *, share_gpu: bool = False,
                    world_size: Optional[int] = None, option: str = "--devices",
-                   count: str = "{n} processes per node", no_gpus: str = "--devices cpu",
+                   count: str = "{processes} per node", no_gpus: str = "--devices cpu",
                    share: str = "--share-gpu") -> list[Optional[int]]:
     """The GPU index for each local rank (``None``: no GPU).
 
@@ -95,12 +96,12 @@ def assign_devices(devices: Optional[Sequence[int]], nprocs: int, *, share_gpu: 
     may share GPUs: an explicit list may repeat them, and ``None`` spreads
     ``nprocs`` ranks over the visible GPUs in contiguous groups. Errors name
     things as the caller spells them: ``option`` (the devices argument),
-    ``count`` (the process count, with ``{n}``), ``no_gpus`` (how to run
+    ``count`` (the process count, with ``{n}`` or ``{processes}``), ``no_gpus`` (how to run
     without GPUs) and ``share`` (the opt-in); the defaults are distrib-run's.
     """
     if devices is not None and len(devices) == 0:
         return [None] * nprocs
-    processes = count.format(n=nprocs)
+    processes = count.format(n=nprocs, processes=counted(nprocs, "process", "processes"))
     gpus = visible_gpu_count()
     if devices is None:
         if gpus == 0:
@@ -113,21 +114,24 @@ def assign_devices(devices: Optional[Sequence[int]], nprocs: int, *, share_gpu: 
             _check_sharing(chosen, world_size or nprocs, share)
             return chosen
         if nprocs > gpus:
-            raise ConfigError(f"{processes} but only {gpus} GPUs are visible; expected at most {gpus}, "
+            raise ConfigError(f"{processes} but only {counted(gpus, 'GPU')} {'is' if gpus == 1 else 'are'} "
+                              f"visible; expected at most {gpus}, "
                               f"{share} to run several ranks on one GPU, or {no_gpus} to run without GPUs")
         return list(range(nprocs))
     chosen = list(devices)
     if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in chosen):
         raise ConfigError(f"{option} is invalid; expected non-negative GPU indices")
     if len(chosen) != nprocs:
-        raise ConfigError(f"{option} names {len(chosen)} GPUs for {processes}; expected one GPU per process")
+        raise ConfigError(f"{option} names {counted(len(chosen), 'GPU')} for {processes}; expected one GPU per "
+                          "process")
     if len(set(chosen)) != len(chosen) and not share_gpu:
         raise ConfigError(f"{option} repeats a GPU; expected one distinct GPU per process, or add "
                           f"{share} to run several ranks on one GPU")
     if gpus == 0 and share_gpu:
         raise ConfigError(f"{share} runs ranks on shared GPUs, but no GPU is visible here")
     if max(chosen) >= gpus:
-        raise ConfigError(f"{option} names GPU {max(chosen)}, but {gpus} GPUs are visible here")
+        raise ConfigError(f"{option} names GPU {max(chosen)}, but {counted(gpus, 'GPU')} "
+                          f"{'is' if gpus == 1 else 'are'} visible here")
     if share_gpu:
         _check_sharing(chosen, world_size or nprocs, share)
     return chosen
