@@ -28,7 +28,7 @@ import struct
 import time
 from typing import Optional, Sequence
 
-from .._text import format_ranks
+from .._text import rank_list
 from ..errors import CoordinatorError, DistribTimeoutError
 from ._security import SecureServer, client_socket
 from ._waiting import Backoff
@@ -80,7 +80,7 @@ class Publisher:
             if remaining <= 0:
                 missing = sorted(wanted - self._subscribed)
                 raise DistribTimeoutError(
-                    f"broadcast channel: remote reader ranks {format_ranks(missing)} did not subscribe "
+                    f"broadcast channel: remote reader {rank_list(missing)} did not subscribe "
                     f"to the writer's endpoint {self.endpoint} before the timeout; check that their "
                     "nodes can reach this address (or set DISTRIB_BIND_ADDR)", missing=missing)
             if self._socket.poll(int(min(remaining, 1.0) * 1000) + 1, zmq.POLLIN):
@@ -111,7 +111,7 @@ class Publisher:
         if self._lost:
             lost = sorted(self._lost)
             raise CoordinatorError(
-                f"broadcast channel: the connections of remote reader ranks {format_ranks(lost)} "
+                f"broadcast channel: the connections of remote reader {rank_list(lost)} "
                 "ended without their closing the channel: they exited (or their network failed), "
                 "and get nothing more. Close the channel; the launcher reports why they stopped")
 
@@ -136,8 +136,8 @@ class Publisher:
                 now = time.monotonic()
                 if now >= deadline:
                     raise DistribTimeoutError(
-                        "broadcast channel: the writer waited for remote reader ranks "
-                        f"{format_ranks(self.remote_ranks)} (one or more of them) to take earlier "
+                        "broadcast channel: the writer waited for remote reader "
+                        f"{rank_list(self.remote_ranks)} (one or more of them) to take earlier "
                         "messages until the timeout; they are slow, stuck or not calling recv()",
                         missing=self.remote_ranks) from None
                 if kind == MESSAGE:
@@ -156,9 +156,9 @@ class Publisher:
             try:
                 self.send(seq, b"", deadline, kind=CLOSED)
             except DistribTimeoutError:
-                logger.warning("broadcast channel: could not tell remote reader ranks %s that the "
+                logger.warning("broadcast channel: could not tell remote reader %s that the "
                                "writer closed (they are behind); they will time out",
-                               format_ranks(self.remote_ranks))
+                               rank_list(self.remote_ranks))
         self._socket.close(linger=max(0, int((deadline - time.monotonic()) * 1000)))
         self._server.close()  # terminates the context: waits for the linger
 

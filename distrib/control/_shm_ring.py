@@ -58,7 +58,7 @@ import tempfile
 import time
 from typing import Optional, Sequence, Union
 
-from .._text import format_ranks
+from .._text import rank_list
 from ..errors import CoordinatorError, DistribTimeoutError
 from ._waiting import (FUTEX, WATCH_INTERVAL, Backoff, Futex, ProcessWatch, buffer_address,
                        full_fence)
@@ -238,7 +238,7 @@ class RingWriter(_Ring):
             if now >= deadline:
                 ranks = [self.reader_ranks[i] for i in behind]
                 raise DistribTimeoutError(
-                    f"broadcast channel: the writer waited for ranks {format_ranks(ranks)} to read "
+                    f"broadcast channel: the writer waited for {rank_list(ranks)} to read "
                     "earlier messages until the timeout; they are slow, stuck or not calling recv(). "
                     "Call recv() on every reader (or close() on those that are done), or pass a "
                     "longer timeout", missing=ranks)
@@ -247,7 +247,7 @@ class RingWriter(_Ring):
                 dead = [self.reader_ranks[i] for i in behind if self._watches[i].dead()]
                 if dead:
                     raise CoordinatorError(
-                        f"broadcast channel: reader ranks {format_ranks(dead)} exited without closing "
+                        f"broadcast channel: reader {rank_list(dead)} exited without closing "
                         "the channel; the writer cannot deliver to them. Check their output")
             backoff.pause(now)
 

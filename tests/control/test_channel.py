@@ -37,7 +37,7 @@ def test_slow_reader_holds_the_writer_back_and_a_stopped_one_is_named_by_the_tim
     assert writer["blocked_for"] > 0.03 * (40 - 4) * 0.8  # it waited for the slow reader
     missing, message, sent = writer["timeout"]
     assert missing == [2] and sent == 4  # the ring's 4 chunks, then the wait that timed out
-    assert "ranks 2" in message and "recv()" in message
+    assert "rank 2 to read" in message and "recv()" in message
     assert slow["drained"] == 4 and fast["drained"] == 0  # after the close, nothing more
 
 

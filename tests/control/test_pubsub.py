@@ -85,7 +85,7 @@ def test_a_reader_that_does_not_read_holds_the_writer_back_until_the_timeout(lin
     publisher, subscriber = link
     blob = b"z" * 60_000
     sent = 0
-    with pytest.raises(DistribTimeoutError, match=r"remote reader ranks 1") as caught:
+    with pytest.raises(DistribTimeoutError, match=r"remote reader rank 1") as caught:
         while sent < 10_000:  # the high-water marks and socket buffers fill up
             publisher.send(sent, codec.encode({"i": sent, "blob": blob}), time.monotonic() + 0.5)
             sent += 1
@@ -187,7 +187,7 @@ def test_a_reader_killed_makes_the_writer_raise_naming_it_and_one_that_closed_do
                 seq += 1
                 time.sleep(0.01)
         else:
-            with pytest.raises(CoordinatorError, match=r"remote reader ranks 2 ended without"):
+            with pytest.raises(CoordinatorError, match=r"remote reader rank 2 ended without"):
                 while time.monotonic() - started < 10:
                     publisher.send(seq, codec.encode(seq), _soon())
                     seq += 1

@@ -87,7 +87,7 @@ def test_a_slow_reader_holds_the_writer_back_and_a_stopped_one_is_named():
     for i in range(4):
         writer.write(b"fits", _soon())
     started = time.monotonic()
-    with pytest.raises(DistribTimeoutError, match=r"ranks 5 to read") as caught:
+    with pytest.raises(DistribTimeoutError, match=r"rank 5 to read") as caught:
         writer.write(b"does not fit", time.monotonic() + 0.3)
     assert caught.value.missing == (5,) and not caught.value.partial
     assert 0.3 <= time.monotonic() - started < 3
@@ -186,7 +186,7 @@ def test_the_writer_notices_a_dead_reader_at_once():
     for i in range(4):
         writer.write(b"fits", _soon())
     started = time.monotonic()
-    with pytest.raises(CoordinatorError, match=r"reader ranks 7 exited without closing"):
+    with pytest.raises(CoordinatorError, match=r"reader rank 7 exited without closing"):
         writer.write(b"blocked", _soon(30))
     assert time.monotonic() - started < 5
     writer.close()
