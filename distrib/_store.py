@@ -61,7 +61,7 @@ def store_host(master_addr: str, nnodes: int) -> str:
 
 def _resolve(host: str) -> str:
     try:
-        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+        return str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
     except (OSError, IndexError) as exc:
         raise ConfigError(f"the store's address {host!r} does not resolve on this host ({exc}); "
                           f"expected an address of this host, or set {BIND_ADDR_VAR}") from None
@@ -233,7 +233,8 @@ class StoreProcess(OneNodeStore):
         """Raise LaunchError if the helper has ended (it could not host the store)."""
         if self._closed or self._process.poll() is None:
             return
-        error = self._process.stderr.read().decode(errors="replace").strip()
+        stderr = self._process.stderr
+        error = stderr.read().decode(errors="replace").strip() if stderr is not None else ""
         self.close()
         raise LaunchError(f"could not start the rendezvous store (its process exited with status "
                           f"{self._process.returncode}): {error[-2000:] or 'no message'}")
@@ -247,7 +248,8 @@ class StoreProcess(OneNodeStore):
         self._process.wait()
         for stream in (self._process.stdin, self._process.stderr):
             try:
-                stream.close()
+                if stream is not None:
+                    stream.close()
             except OSError:
                 pass
 

@@ -316,6 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     else "is unknown")
             raise ConfigError(f"launcher {args.launcher!r} {kind}; distrib-run can use: {', '.join(names)}")
         launcher_cls = launchers.get(args.launcher)
+        assert issubclass(launcher_cls, CommandLauncher)  # command_launcher_names() holds only these
         reason = launcher_cls.unavailable_reason()
         if reason:
             raise ConfigError(f"launcher {args.launcher!r} cannot run here: {reason}")

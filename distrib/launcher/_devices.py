@@ -110,9 +110,9 @@ def assign_devices(devices: Optional[Sequence[int]], nprocs: int, *, share_gpu: 
                                   f"leave {share} out, or {no_gpus}, to run on the CPU")
             return [None] * nprocs
         if share_gpu:
-            chosen = [rank * gpus // nprocs for rank in range(nprocs)]
-            _check_sharing(chosen, world_size or nprocs, share)
-            return chosen
+            spread = [rank * gpus // nprocs for rank in range(nprocs)]
+            _check_sharing(spread, world_size or nprocs, share)
+            return list[Optional[int]](spread)
         if nprocs > gpus:
             raise ConfigError(f"{processes} but only {counted(gpus, 'GPU')} {'is' if gpus == 1 else 'are'} "
                               f"visible; expected at most {gpus}, "
@@ -134,7 +134,7 @@ def assign_devices(devices: Optional[Sequence[int]], nprocs: int, *, share_gpu: 
                           f"{'is' if gpus == 1 else 'are'} visible here")
     if share_gpu:
         _check_sharing(chosen, world_size or nprocs, share)
-    return chosen
+    return list[Optional[int]](chosen)
 
 
 def _check_sharing(chosen: list[int], world_size: int, share: str) -> None:

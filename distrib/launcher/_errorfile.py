@@ -77,6 +77,7 @@ def read_torch_error_file(path: str) -> Optional[dict]:
     if record is None:
         return None
     message = record.get("message")
+    extra: dict
     if isinstance(message, str):
         text, extra = message, {}
     elif isinstance(message, dict):

@@ -51,7 +51,8 @@ class Guardian:
         """The launcher has stopped its workers itself: let the guardian exit quietly."""
         self._send("done\n")
         try:
-            self._process.stdin.close()
+            if self._process.stdin is not None:
+                self._process.stdin.close()
         except OSError:
             pass
         try:
@@ -61,9 +62,11 @@ class Guardian:
             self._process.wait()
 
     def _send(self, line: str) -> None:
+        pipe = self._process.stdin  # a pipe: the guardian is started with stdin=PIPE
         try:
-            self._process.stdin.write(os.fsencode(line))
-            self._process.stdin.flush()
+            if pipe is not None:
+                pipe.write(os.fsencode(line))
+                pipe.flush()
         except (OSError, ValueError):
             pass  # the guardian is gone; PR_SET_PDEATHSIG still covers the workers
 

@@ -27,7 +27,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .._text import format_ranks, node_list, rank_list
 
@@ -51,7 +51,7 @@ class HangWatch:
         self._log_dir = log_dir
         self._dump_requested = False
         self._last_stuck_report = -float("inf")
-        self._previous_handler = None
+        self._previous_handler: Any = None  # SIGUSR1's handler before ours
         self.monitor = None
         timeout = heartbeat_timeout if heartbeat_timeout is not None else float(
             os.environ.get("DISTRIB_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT))

@@ -64,8 +64,9 @@ class MpsDaemon:
             return
         if process.poll() is None:
             try:
-                subprocess.run([process.args[0]], input=b"quit\n", env=_daemon_env(self.pipe_dir),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=_QUIT_TIMEOUT)
+                subprocess.run([shutil.which(CONTROL) or CONTROL], input=b"quit\n",
+                               env=_daemon_env(self.pipe_dir), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=_QUIT_TIMEOUT)
                 process.wait(timeout=_QUIT_TIMEOUT)
             except (OSError, subprocess.SubprocessError):
                 pass

@@ -177,9 +177,12 @@ class OutputRelay:
         lines = complete[:-1].split(b"\n") if complete.endswith(b"\n") else complete.split(b"\n")
         prefix = stream.prefix if self._prefix else b""
         text = b"".join(prefix + line + b"\n" for line in lines)
+        console = stream.console
+        if console is None:
+            return
         with self._lock:
             try:
-                stream.console.write(text)
-                stream.console.flush()
+                console.write(text)
+                console.flush()
             except (OSError, ValueError):
                 stream.console = None  # the console went away (a closed pipe); keep the logs

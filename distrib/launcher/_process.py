@@ -135,7 +135,9 @@ def _live_groups(pgids: set[int]) -> set[int]:
 class Stoppable(Protocol):
     """A worker as :func:`stop_processes` sees it: our child, and the leader of its group."""
 
-    pid: int
+    @property
+    def pid(self) -> Optional[int]:
+        """Its process id (None before it has started)."""
 
     def poll(self) -> Optional[int]:
         """The exit status once the process has ended (reaping it), else ``None``."""
@@ -170,7 +172,7 @@ def stop_processes(processes: Sequence[Stoppable], first_signal: int = signal.SI
     give_up = None
     while True:
         live = [p for p in processes if p.poll() is None]
-        live_groups = _live_groups(groups)
+        live_groups = _live_groups({g for g in groups if g is not None})
         if not live and not live_groups:
             return
         now = time.monotonic()
@@ -187,14 +189,15 @@ def stop_processes(processes: Sequence[Stoppable], first_signal: int = signal.SI
             return
         resend = signum == signal.SIGKILL  # SIGKILL cannot be caught twice; repeat it freely
         for p in live:
-            if p.pid in signalled_pids and not resend:
+            pid = p.pid
+            if pid is None or (pid in signalled_pids and not resend):
                 continue
-            if _leads_group(p.pid):
-                _killpg(p.pid, signum)  # once, through the group: the leader gets it once
-                signalled_groups.add(p.pid)
+            if _leads_group(pid):
+                _killpg(pid, signum)  # once, through the group: the leader gets it once
+                signalled_groups.add(pid)
             else:
-                _kill(p.pid, signum)    # still starting: not in its own group yet
-            signalled_pids.add(p.pid)
+                _kill(pid, signum)    # still starting: not in its own group yet
+            signalled_pids.add(pid)
         for pgid in live_groups:
             if pgid not in signalled_groups or resend:
                 _killpg(pgid, signum)

@@ -191,7 +191,7 @@ class NodeRendezvous:
 
     def post_stacks(self, number: int, payload: bytes) -> None:
         """This node's answer to request ``number``."""
-        self._store.set(f"stacks/{number}/{self.node_rank}", payload)
+        self._store.set(f"stacks/{number}/{self.node_rank}", payload)  # type: ignore[arg-type]  # torch's stub says str; bytes are what it stores
 
     def stacks_for(self, number: int) -> dict[int, bytes]:
         """The other nodes' answers to request ``number`` so far (no waiting)."""
@@ -223,7 +223,7 @@ class NodeRendezvous:
 
     def finish(self) -> None:
         """Mark this node done (its workers have ended, well or not)."""
-        self._store.set(f"done/{self.node_rank}", b"1")
+        self._store.set(f"done/{self.node_rank}", "1")
 
     def pending_nodes(self) -> list[int]:
         """Nodes that joined and have not finished yet."""

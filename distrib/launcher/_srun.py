@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Optional
+from typing import BinaryIO, Optional
 
 from ..errors import DistribTimeoutError, LaunchError, WorkerFailedError, WorkerFailure
 from ._errorfile import read_error_file
@@ -41,7 +41,7 @@ class SrunStep:
         self.task_ends: list[tuple[float, str, list[int], str]] = []  # (time, host, ranks, what)
         self.signals: list[int] = []
         self.teardown_at: Optional[float] = None  # when SLURM began to stop the step's tasks
-        self._logs: dict[int, object] = {}
+        self._logs: dict[int, BinaryIO] = {}
         self._lock = threading.Lock()
 
     def run(self) -> list[int]:
@@ -142,7 +142,7 @@ class SrunStep:
         match = _TASK_END.search(line.decode(errors="replace").rstrip())
         if match is None:
             return
-        ranks = []
+        ranks: list[int] = []
         for part in match.group("tasks").split(","):
             low, _, high = part.partition("-")
             ranks += range(int(low), int(high or low) + 1)
@@ -161,7 +161,7 @@ class SrunStep:
         for name in os.listdir(self.error_dir):
             found = re.fullmatch(r"rank(\d+)\.json", name)
             record = read_error_file(os.path.join(self.error_dir, name)) if found else None
-            if record is None:
+            if found is None or record is None:
                 continue
             rank = int(found.group(1))
             seen = failures.get(rank)

@@ -81,7 +81,7 @@ class WorkerProcess:
             fields = dict(exc_type=record.get("exc_type"), message=str(record.get("message", "")),
                           traceback=str(record.get("traceback", "")))
             if not fields["exc_type"]:
-                fields["exitcode"] = int(record.get("exitcode", code or 1))
+                fields["exitcode"] = int(record.get("exitcode") or code or 1)
         if code is not None and code < 0 and record is None:
             return WorkerFailure(rank=self.rank, timestamp=when, signal_name=signal_name(-code),
                                  host=host)

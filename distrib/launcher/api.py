@@ -38,7 +38,7 @@ class Launcher(ABC):
         return None
 
     @abstractmethod
-    def run(self, target: Any, nprocs: int, **options: Any) -> list[Any]:
+    def run(self, target: Any, nprocs: Any, *args: Any, **options: Any) -> list[Any]:
         """Run ``target`` in ``nprocs`` processes; return per-rank results in rank order.
 
         What ``target`` is depends on the launcher (a picklable callable for
@@ -123,7 +123,7 @@ class CommandLauncher(Launcher):
     """A launcher that runs a :class:`Command` in fresh processes (``distrib-run``)."""
 
     @abstractmethod
-    def run(self, target: Command, nprocs: Optional[int],  # type: ignore[override]
+    def run(self, target: Command, nprocs: Optional[int],
             options: CommandOptions = CommandOptions()) -> list[int]:
         """Run ``target`` in ``nprocs`` processes per node; return this node's exit codes (all 0).
 

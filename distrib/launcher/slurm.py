@@ -81,7 +81,7 @@ def slurm_environment(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
     nodelist_var = _first_present(environ, _NODELIST)
     if nodelist_var is None:
         missing.append(_NODELIST[0])
-    if missing:
+    if missing or nodelist_var is None:
         raise ConfigError(
             f"this looks like an srun task (SLURM_JOB_ID, SLURM_STEP_ID and SLURM_PROCID are set), "
             f"but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not; expected srun "
@@ -181,7 +181,7 @@ class SlurmLauncher(CommandLauncher):
                     "salloc or sbatch")
         return None
 
-    def run(self, target: Command, nprocs: Optional[int],  # type: ignore[override]
+    def run(self, target: Command, nprocs: Optional[int],
             options: CommandOptions = CommandOptions()) -> list[int]:
         argv = self.srun_argv(target, nprocs, options)
         error_dir = options.log_dir or tempfile.mkdtemp(prefix="distrib-slurm-")

@@ -25,22 +25,25 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from .._store import OneNodeStore, one_node_store
+from .._store import BIND_ADDR_VAR, OneNodeStore, one_node_store
 from .._text import node_list, rank_list
 from ..errors import (ConfigError, CoordinatorError, DistribError, DistribTimeoutError,
                       LaunchError, WorkerFailedError, WorkerFailure)
 from ..info import LOCAL_GPUS_VAR, SHARE_GPU_VAR, LaunchInfo
-from .._store import BIND_ADDR_VAR
 from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR, TORCH_ERROR_FILE_VAR, torch_error_file
 from ._devices import assign_devices, auto_nprocs, most_ranks_on_a_gpu, shares_gpus
 from ._guardian import Guardian
 from ._hangwatch import HangWatch
 from ._output import OutputRelay
 from ._process import record_stop_signals, restore_signals, signal_name
+from ._rendezvous import NodeRendezvous
 from ._workers import WorkerProcess, stop_workers
 from .api import Command, CommandLauncher, CommandOptions, LaunchInterrupted, launchers
+
+if TYPE_CHECKING:
+    from ._mps import MpsDaemon
 
 __all__ = ["SubprocessLauncher"]
 
@@ -60,7 +63,7 @@ class SubprocessLauncher(CommandLauncher):
         self._stdout = stdout
         self._stderr = stderr
 
-    def run(self, target: Command, nprocs: Optional[int],  # type: ignore[override]
+    def run(self, target: Command, nprocs: Optional[int],
             options: CommandOptions = CommandOptions()) -> list[int]:
         if not isinstance(target, Command):
             raise ConfigError(f"the subprocess launcher runs a Command, got {type(target).__name__}")
@@ -233,11 +236,10 @@ class _NodeStore:
             listener, port = bind_listener(launch_id, options.master_port,
                                            options.local_addr or store_host(master_addr, 1))
             return cls(one_node_store(listener, options.rdzv_timeout), launch_id, port, master_addr, 0)
-        port = options.master_port
-        launch_id = options.launch_id or f"{options.master_addr}:{port}"
-        if port is None:  # every node derives the same port; no probing (others could not follow)
-            port = port_for_launch_id(launch_id)
-        master_addr, node_rank = options.master_addr, options.node_rank
+        launch_id = options.launch_id or f"{options.master_addr}:{options.master_port}"
+        # Every node derives the same port; no probing (the others could not follow).
+        port = options.master_port if options.master_port is not None else port_for_launch_id(launch_id)
+        master_addr, node_rank = options.master_addr or "", options.node_rank
         host = options.local_addr or store_host(master_addr, options.nnodes)
         if node_rank == 0:
             store, port = host_store(launch_id, options.nnodes, port=port, timeout=options.rdzv_timeout,
@@ -245,13 +247,11 @@ class _NodeStore:
             return cls(store, launch_id, port, master_addr, 0)
         if node_rank is None and _is_this_host(master_addr, options.local_addr):
             # The first node of this host to take the port hosts; another node here joins it.
-            listener = listen_if_free(port, host)
-            if listener is not None:
+            free = listen_if_free(port, host)
+            if free is not None:
                 store, port = host_store(launch_id, options.nnodes, timeout=options.rdzv_timeout,
-                                         listener=listener)
+                                         listener=free)
                 return cls(store, launch_id, port, master_addr, 0)
-        from ._rendezvous import NodeRendezvous
-
         store = NodeRendezvous.connect(master_addr, port, node_rank, options.rdzv_timeout,
                                        should_stop=should_stop)
         if node_rank is None:
@@ -305,9 +305,9 @@ class _Launch:
         self.workers: list[WorkerProcess] = []
         self.signals = signals
         self.relay: Optional[OutputRelay] = None
-        self.rendezvous = None
+        self.rendezvous: Optional[NodeRendezvous] = None
         self.hangwatch: Optional[HangWatch] = None
-        self.mps = None
+        self.mps: Optional[MpsDaemon] = None
         self.shared_env: dict[str, str] = {}
         self._lost_nodes: set[int] = set()  # nodes whose heartbeat stopped
 
@@ -322,8 +322,6 @@ class _Launch:
         try:
             secret = secrets.token_hex(16)
             if self.multi_node:
-                from ._rendezvous import NodeRendezvous
-
                 self.rendezvous = NodeRendezvous(self.node.store, self.launch_id, options.nnodes,
                                                  self.node_rank)
                 plan = self.rendezvous.join(self.nprocs, secret, options.rdzv_timeout,
@@ -390,7 +388,7 @@ class _Launch:
                     TORCH_ERROR_FILE_VAR: torch_error_file(error_file)})
         if options.local_addr:
             env[BIND_ADDR_VAR] = options.local_addr
-        env.update(self.hangwatch.worker_env(info.rank))
+        env.update(self._watch.worker_env(info.rank))
         env.update(self.shared_env)
         env.setdefault("PYTHONUNBUFFERED", "1")  # lines reach the console as they are printed
         if self.nprocs > 1:
@@ -403,7 +401,7 @@ class _Launch:
         worker, out_r, err_r = WorkerProcess.start(self.command.bootstrap_argv(), env, info.rank,
                                                    info.local_rank, error_file)
         guardian.watch(worker.pid)
-        self.hangwatch.watch(info.rank, worker.pid)
+        self._watch.watch(info.rank, worker.pid)
         relay.add(info.rank, out_r, err_r)
         self.workers.append(worker)
 
@@ -422,6 +420,16 @@ class _Launch:
             env["DISTRIB_DEVICE"] = str(distinct.index(device))
         else:
             env["DISTRIB_DEVICE"] = str(device)
+
+    @property
+    def _watch(self) -> HangWatch:
+        assert self.hangwatch is not None, "the hang watch is made before any worker starts"
+        return self.hangwatch
+
+    @property
+    def _nodes(self) -> NodeRendezvous:
+        assert self.rendezvous is not None, "only a launch on several nodes watches other nodes"
+        return self.rendezvous
 
     # -- supervision ----------------------------------------------------------
     def _supervise(self) -> list[int]:
@@ -445,7 +453,7 @@ class _Launch:
                 return self._success()
             running = {w.rank for w, c in zip(self.workers, codes) if c is None}
             if deadline is not None and time.monotonic() >= deadline:
-                self.hangwatch.report(f"the launch timed out after {options.timeout:g}s. Where each "
+                self._watch.report(f"the launch timed out after {options.timeout:g}s. Where each "
                                       "rank is:", running)
                 self._stop(signal.SIGTERM)
                 raise DistribTimeoutError(
@@ -455,7 +463,7 @@ class _Launch:
             if self.rendezvous is not None and time.monotonic() >= next_remote:
                 next_remote = time.monotonic() + _REMOTE_POLL
                 self._check_other_nodes()
-            self.hangwatch.check(running, _POLL)
+            self._watch.check(running, _POLL)
 
     def _success(self) -> list[int]:
         """This node's workers all exited 0; node 0 waits for the others (their workers use its store)."""
@@ -477,22 +485,22 @@ class _Launch:
         if self.rendezvous is not None:
             failures = self._failures(teardown)
             root = min(failures, key=lambda f: (f.timestamp, f.rank))
-            self._call_store(lambda: self.rendezvous.report_failure(root), quiet=True)
+            self._call_store(lambda: self._nodes.report_failure(root), quiet=True)
         self._stop(signal.SIGTERM)
         raise WorkerFailedError(self._failures(teardown))
 
     def _check_other_nodes(self) -> None:
-        self._call_store(self.rendezvous.beat)
-        for number, node, reason in self._call_store(self.rendezvous.report_requests):
+        self._call_store(self._nodes.beat)
+        for number, node, reason in self._call_store(self._nodes.report_requests):
             running = {w.rank for w in self.workers if w.poll() is None}
-            self.hangwatch.asked_by(number, node, reason, running)
-        remote = self._call_store(self.rendezvous.remote_failures)
+            self._watch.asked_by(number, node, reason, running)
+        remote = self._call_store(self._nodes.remote_failures)
         if remote:
             teardown = time.time()
             self._stop(signal.SIGTERM)
             raise WorkerFailedError(remote + self._failures(teardown))
         if self.node_rank == 0:
-            lost = self._call_store(self.rendezvous.lost_nodes)
+            lost = self._call_store(self._nodes.lost_nodes)
             if lost:
                 self._lost_nodes.update(lost)
                 self._stop(signal.SIGTERM)
