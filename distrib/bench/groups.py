@@ -136,9 +136,8 @@ def sendrecv_rank(sizes: list, iters: int, repeats: int) -> dict:
 
     ctx = distrib.init()
     rank = ctx.coordinator.rank
-    gpu = ctx.device is not None
     backends = {"gloo": (communicators.get("gloo")(ctx.coordinator), torch.device("cpu"))}
-    if ctx.device is not None:  # gpu
+    if ctx.device is not None:  # a GPU: CUDA IPC, and NCCL where it runs
         torch.cuda.set_device(ctx.device)
         device = torch.device("cuda", ctx.device)
         backends["ipc"] = (communicators.get("ipc")(ctx.coordinator, ctx.device), device)
