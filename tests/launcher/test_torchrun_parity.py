@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import tempfile
 import time
 
@@ -13,7 +12,7 @@ import pytest
 from distrib import __version__
 from distrib.cli import build_parser, options_from
 
-from .conftest import REPO, alive, free_port, run_cli, script, start_cli
+from .conftest import alive, free_port, run_cli, script, start_cli
 
 pytestmark = pytest.mark.timeout(240)
 
