@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nprocs", type=int, default=None,
                         help="ranks, one per GPU (default: every visible GPU; 2 with --smoke)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default: benchmarks/results/<N>x<GPU>; a temporary one with --smoke)")
+                        help="output directory (default: a temporary one, printed; the results committed "
+                             "with distrib live in benchmarks/results/<N>x<GPU>)")
     parser.add_argument("--sizes", type=_list(parse_size), default=None,
                         help="message sizes in bytes, e.g. 1K,64K,1M (default: 1 KiB to 256 MiB, powers of 4)")
     parser.add_argument("--dtypes", type=_list(_dtype), default=("bfloat16", "float32"), help="default bf16,fp32")
@@ -154,8 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = _report.summarize(per_rank, meta)
     out = args.out
     if out is None:
-        out = (Path(tempfile.mkdtemp(prefix="distrib-bench-smoke-")) if args.smoke else
-               Path("benchmarks/results") / f"{config['nprocs']}x{first['device_name'].split()[-1]}")
+        out = Path(tempfile.mkdtemp(prefix="distrib-bench-smoke-" if args.smoke else "distrib-bench-allreduce-"))
     out.mkdir(parents=True, exist_ok=True)
     _report.write_json(summary, out / "allreduce.json")
     table = _report.markdown(summary)

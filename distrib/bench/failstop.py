@@ -31,6 +31,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -186,9 +187,14 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", nargs="+", default=["scenarios", "abort", "cost"],
                         choices=["scenarios", "abort", "cost"])
     parser.add_argument("--rounds", type=int, default=100, help="cost: alternating measurement rounds")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: a temporary one, printed); parts run in separate "
+                             "calls merge into the record there, so give them the same --out")
     parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="distrib-bench-failstop-")
+        print(f"failstop: the records go to {args.out}", file=sys.stderr)
     gpu = _gpu_name()
     for index, world in enumerate(args.nprocs):
         path = os.path.join(args.out, f"failstop-{world}ranks.json")
