@@ -98,8 +98,11 @@ class WorkerFailedError(DistribError):
     ``failures`` holds every failed rank, earliest first, except that a rank
     which only reports a lost peer (:attr:`WorkerFailure.follows_a_peer`) comes
     after every rank that failed in its own right; ``root_cause`` is
-    ``failures[0]``.
+    ``failures[0]``. ``earlier_attempts`` holds ``(attempt, cause)`` of the
+    attempts a launcher restarted before this last one (``--max-restarts``).
     """
+
+    earlier_attempts: tuple = ()
 
     def __init__(self, failures: Sequence[WorkerFailure]):
         if not failures:

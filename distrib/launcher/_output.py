@@ -14,7 +14,7 @@ import selectors
 import threading
 from typing import BinaryIO, Callable, Deque, Optional
 
-__all__ = ["OutputRelay", "MAX_LINE", "log_file_path"]
+__all__ = ["OutputRelay", "MAX_LINE", "log_file_path", "write_note"]
 
 MAX_LINE = 64 * 1024  # a longer partial line is written in pieces rather than held
 TAIL_LINES = 20  # the last stderr lines kept per rank, for the failure report
@@ -24,6 +24,16 @@ _READ_SIZE = 65536
 def log_file_path(log_dir: str, rank: int) -> str:
     """Where ``--log-dir`` keeps rank ``rank``'s output (stdout and stderr, unprefixed)."""
     return os.path.join(log_dir, f"rank{rank}.log")
+
+
+def write_note(stream: BinaryIO, text: str, prefix: str = "distrib-run: ") -> None:
+    """``text``'s lines, each with ``prefix``, in one write (a stream that went away is ignored)."""
+    data = "".join(f"{prefix}{line}\n" for line in text.splitlines()).encode(errors="replace")
+    try:
+        stream.write(data)
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 class _Stream:
@@ -88,13 +98,8 @@ class OutputRelay:
 
     def note(self, text: str, prefix: str = "distrib-run: ") -> None:
         """The launcher's own lines, on stderr, never inside a worker's line."""
-        data = "".join(f"{prefix}{line}\n" for line in text.splitlines()).encode(errors="replace")
         with self._lock:
-            try:
-                self._err.write(data)
-                self._err.flush()
-            except (OSError, ValueError):
-                pass
+            write_note(self._err, text, prefix)
 
     def close(self, timeout: float = 5.0) -> None:
         """Wait (at most ``timeout`` seconds) for the pipes to end, then stop and close."""

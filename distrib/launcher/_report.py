@@ -27,7 +27,7 @@ def failure_summary(error: WorkerFailedError, tail: int = TRACEBACK_LINES) -> st
     code or signal name, and the last ``tail`` lines of its traceback.
     """
     failures = error.failures
-    earlier = getattr(error, "earlier_attempts", ())  # (attempt, cause) before restarts
+    earlier = error.earlier_attempts  # (attempt, cause) before restarts
     lines = [f"distrib-run: attempt {k} failed: {cause}" for k, cause in earlier]
     if earlier:
         lines.append(f"distrib-run: attempt {len(earlier)} (the last) failed too; gave up after "

@@ -17,6 +17,7 @@ workers, as torchrun does), so a script written for torchrun runs unchanged.
 """
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -36,7 +37,7 @@ from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR, TORCH_ERROR_FILE_VAR, 
 from ._devices import assign_devices, auto_nprocs, most_ranks_on_a_gpu, shares_gpus
 from ._guardian import Guardian
 from ._hangwatch import HangWatch
-from ._output import OutputRelay
+from ._output import OutputRelay, write_note
 from ._process import record_stop_signals, restore_signals, signal_name
 from ._rendezvous import NodeRendezvous
 from ._workers import WorkerProcess, stop_workers
@@ -99,7 +100,7 @@ def _attempts(command: Command, nprocs: int, options: CommandOptions, device_of:
     here or on another node, never restart; nor does the loss of node 0's store.
     """
     earlier: list[tuple[int, str]] = []  # (attempt, what ended it)
-    note = _Notes(stderr)
+    note = functools.partial(write_note, stderr)  # distrib-run's lines between attempts
     for attempt in range(options.max_restarts + 1):
         launch = _Launch(command, nprocs, options, device_of, stdout, stderr, node, signals, attempt)
         try:
@@ -132,24 +133,10 @@ def _restartable(exc: Exception) -> bool:
 
 def _attach_attempts(exc: Exception, earlier: list[tuple[int, str]]) -> None:
     """The earlier attempts' causes, for the final report (see failure_summary)."""
-    exc.earlier_attempts = tuple(earlier)  # type: ignore[attr-defined]
-    if not isinstance(exc, WorkerFailedError):
+    if isinstance(exc, WorkerFailedError):
+        exc.earlier_attempts = tuple(earlier)
+    else:
         exc.args = (str(exc) + "".join(f"\n  attempt {k} failed before: {cause}" for k, cause in earlier),)
-
-
-class _Notes:
-    """distrib-run's own lines on ``stderr``, outside any attempt's output relay."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def __call__(self, text: str) -> None:
-        data = "".join(f"distrib-run: {line}\n" for line in text.splitlines()).encode(errors="replace")
-        try:
-            self._stream.write(data)
-            self._stream.flush()
-        except (OSError, ValueError):
-            pass
 
 
 def _raise_if_interrupted(signals: list[int], when: str) -> None:
