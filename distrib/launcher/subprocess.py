@@ -25,10 +25,9 @@ import signal
 import sys
 import tempfile
 import time
-import uuid
 from typing import TYPE_CHECKING, Callable, Optional
 
-from .._store import BIND_ADDR_VAR, OneNodeStore, one_node_store
+from .._store import BIND_ADDR_VAR
 from .._text import node_list, rank_list
 from ..errors import (ConfigError, CoordinatorError, DistribError, DistribTimeoutError,
                       LaunchError, WorkerFailedError, WorkerFailure)
@@ -39,6 +38,7 @@ from ._guardian import Guardian
 from ._hangwatch import HangWatch
 from ._output import OutputRelay, write_note
 from ._process import record_stop_signals, restore_signals, signal_name
+from ._launch_store import LaunchStore
 from ._rendezvous import NodeRendezvous
 from ._workers import WorkerProcess, stop_workers
 from .api import Command, CommandLauncher, CommandOptions, LaunchInterrupted, launchers
@@ -79,7 +79,7 @@ class SubprocessLauncher(CommandLauncher):
         signals: list[int] = []
         previous_handlers = record_stop_signals(signals)
         try:
-            node = _NodeStore.open(options, lambda: _raise_if_interrupted(signals, "while the nodes were "
+            node = LaunchStore.open(options, lambda: _raise_if_interrupted(signals, "while the nodes were "
                                                                           "meeting; no worker had started"))
             try:
                 return _attempts(target, nprocs, options, device_of, stdout, stderr, node, signals)
@@ -90,7 +90,7 @@ class SubprocessLauncher(CommandLauncher):
 
 
 def _attempts(command: Command, nprocs: int, options: CommandOptions, device_of: list, stdout, stderr,
-              node: "_NodeStore", signals: list[int]) -> list[int]:
+              node: LaunchStore, signals: list[int]) -> list[int]:
     """Attempt 0, then a restart after each failure, up to ``options.max_restarts``.
 
     A restart stops every rank (on every node: they learn of the failure as
@@ -198,86 +198,11 @@ class _LostNodes(CoordinatorError):
     """Node 0 stopped hearing from other nodes (a restart may meet them again)."""
 
 
-class _NodeStore:
-    """The launch's rendezvous store as this node's distrib-run holds it, for every attempt.
-
-    On one node: a store of its own (:func:`~distrib._store.one_node_store`).
-    On several: node 0 hosts it, the others are clients. Nodes without a
-    ``node_rank`` number themselves: the one that can host the store at
-    ``master_addr`` (an address of its host, the port free) is node 0, the
-    others take 1, 2, ... in the order they connect.
-    """
-
-    def __init__(self, store, launch_id: str, port: int, master_addr: str, node_rank: int):
-        self.store, self.launch_id, self.port = store, launch_id, port
-        self.master_addr, self.node_rank = master_addr, node_rank
-
-    @classmethod
-    def open(cls, options: CommandOptions, should_stop: Callable[[], None]) -> "_NodeStore":
-        from .._store import bind_listener, host_store, listen_if_free, store_host
-        from ..ports import port_for_launch_id
-
-        if options.nnodes == 1:
-            launch_id = options.launch_id or uuid.uuid4().hex
-            master_addr = options.master_addr or "127.0.0.1"
-            listener, port = bind_listener(launch_id, options.master_port,
-                                           options.local_addr or store_host(master_addr, 1))
-            return cls(one_node_store(listener, options.rdzv_timeout), launch_id, port, master_addr, 0)
-        launch_id = options.launch_id or f"{options.master_addr}:{options.master_port}"
-        # Every node derives the same port; no probing (the others could not follow).
-        port = options.master_port if options.master_port is not None else port_for_launch_id(launch_id)
-        master_addr, node_rank = options.master_addr or "", options.node_rank
-        host = options.local_addr or store_host(master_addr, options.nnodes)
-        if node_rank == 0:
-            store, port = host_store(launch_id, options.nnodes, port=port, timeout=options.rdzv_timeout,
-                                     host=host)
-            return cls(store, launch_id, port, master_addr, 0)
-        if node_rank is None and _is_this_host(master_addr, options.local_addr):
-            # The first node of this host to take the port hosts; another node here joins it.
-            free = listen_if_free(port, host)
-            if free is not None:
-                store, port = host_store(launch_id, options.nnodes, timeout=options.rdzv_timeout,
-                                         listener=free)
-                return cls(store, launch_id, port, master_addr, 0)
-        store = NodeRendezvous.connect(master_addr, port, node_rank, options.rdzv_timeout,
-                                       should_stop=should_stop)
-        if node_rank is None:
-            node_rank = NodeRendezvous.take_node_rank(store, launch_id, options.nnodes)
-        return cls(store, launch_id, port, master_addr, node_rank)
-
-    def check(self) -> None:
-        if isinstance(self.store, OneNodeStore):
-            self.store.check()
-
-    def close(self) -> None:
-        if isinstance(self.store, OneNodeStore):
-            self.store.close()
-        self.store = None
-
-
-def _is_this_host(master_addr: str, local_addr: Optional[str]) -> bool:
-    """Whether ``master_addr`` is an address of this host (and ``local_addr``'s, when given)."""
-    import socket
-
-    from .._store import _resolve
-
-    try:
-        address = _resolve(master_addr)
-        if local_addr and _resolve(local_addr) != address:
-            return False
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((address, 0))  # only an address of this host can be bound
-        return True
-    except (OSError, ConfigError):
-        return False
-
-
 class _Launch:
     """One node's share of one launch, from the store to the last worker's exit."""
 
     def __init__(self, command: Command, nprocs: int, options: CommandOptions, device_of: list,
-                 stdout, stderr, node: _NodeStore, signals: list[int], attempt: int = 0):
+                 stdout, stderr, node: LaunchStore, signals: list[int], attempt: int = 0):
         self.command = command
         self.nprocs = nprocs
         self.options = options
