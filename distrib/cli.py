@@ -159,8 +159,9 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
         help="stop the launch after this many seconds, printing where each rank was (default: "
              "no limit)")
     add("--heartbeat-timeout", type=float, default=None, metavar="SECONDS",
-        help="report a rank (with its stacks) after this long without a heartbeat (default 5). "
-             "Send SIGUSR1 to distrib-run to see where every rank is")
+        help="report a rank (with its stacks) after this long without a heartbeat (default 5); on "
+             "several nodes, a node silent for this long plus 3 s is lost. Send SIGUSR1 to distrib-run "
+             "to see where every rank is")
     add("--monitor-interval", "--monitor_interval", type=float, default=None, metavar="SECONDS",
         help="accepted for torchrun's sake: distrib-run looks at its workers every 20 ms")
     add("--start-method", "--start_method", default="spawn", choices=("spawn", "fork", "forkserver"),

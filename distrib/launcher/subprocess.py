@@ -24,22 +24,25 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .._store import BIND_ADDR_VAR
-from .._text import node_list, rank_list
+from .._text import rank_list
 from ..errors import (ConfigError, CoordinatorError, DistribError, DistribTimeoutError,
                       LaunchError, WorkerFailedError, WorkerFailure)
 from ..info import LOCAL_GPUS_VAR, SHARE_GPU_VAR, LaunchInfo
 from ._errorfile import ERROR_FILE_VAR, LAUNCHER_PID_VAR, TORCH_ERROR_FILE_VAR, torch_error_file
 from ._devices import assign_devices, auto_nprocs, most_ranks_on_a_gpu, shares_gpus
 from ._guardian import Guardian
-from ._hangwatch import HangWatch
+from ._hangwatch import HEARTBEAT_TIMEOUT, HangWatch
 from ._output import OutputRelay, write_note
 from ._process import record_stop_signals, restore_signals, signal_name
 from ._launch_store import LaunchStore
+from ._node_link import LinkClient, LinkServer
 from ._rendezvous import NodeRendezvous
+from ._secret import launch_secret
 from ._workers import WorkerProcess, stop_workers
 from .api import Command, CommandLauncher, CommandOptions, LaunchInterrupted, launchers
 
@@ -50,6 +53,7 @@ __all__ = ["SubprocessLauncher"]
 
 _POLL = 0.02              # seconds between looks at the workers
 _REMOTE_POLL = 0.25       # seconds between looks at the other nodes
+NODE_SILENCE_SLACK = 3.0  # seconds a node may be silent beyond the ranks' heartbeat timeout
 _FAILURE_LINGER = 10.0    # node 0 keeps the store up this long for other nodes to read a failure
 
 
@@ -218,6 +222,7 @@ class _Launch:
         self.signals = signals
         self.relay: Optional[OutputRelay] = None
         self.rendezvous: Optional[NodeRendezvous] = None
+        self.link: "Optional[LinkServer | LinkClient]" = None  # node 0's server, or a node's client
         self.hangwatch: Optional[HangWatch] = None
         self.mps: Optional[MpsDaemon] = None
         self.shared_env: dict[str, str] = {}
@@ -232,15 +237,10 @@ class _Launch:
         scratch = tempfile.mkdtemp(prefix="distrib-run-")
         guardian = relay = None
         try:
-            secret = secrets.token_hex(16)
             if self.multi_node:
-                self.rendezvous = NodeRendezvous(self.node.store, self.launch_id, options.nnodes,
-                                                 self.node_rank)
-                plan = self.rendezvous.join(self.nprocs, secret, options.rdzv_timeout,
-                                            should_stop=self._stop_requested)
-                world_size, offset, secret = plan.world_size, plan.rank_offset, plan.secret
+                secret, world_size, offset = self._meet()
             else:
-                world_size, offset = self.nprocs, 0
+                secret, world_size, offset = secrets.token_hex(16), self.nprocs, 0
             show = _console_filter(options, offset)
             if options.log_dir:
                 os.makedirs(options.log_dir, exist_ok=True)
@@ -401,8 +401,41 @@ class _Launch:
         self._stop(signal.SIGTERM)
         raise WorkerFailedError(self._failures(teardown))
 
+    def _meet(self) -> tuple[str, int, int]:
+        """The nodes meet: ``(secret, world size, this node's first rank)``.
+
+        Every node derives the launch secret on its own (nothing secret is in
+        the store); node 0 opens its node link first, and says where in its record.
+        """
+        from .._store import store_host
+
+        options = self.options
+        secret, where = launch_secret(self.launch_id)
+        self.rendezvous = NodeRendezvous(self.node.store, self.launch_id, options.nnodes, self.node_rank,
+                                         secret, where, note=functools.partial(write_note, self.stderr))
+        # A node silent this long is lost: the ranks' heartbeat timeout, plus slack for a busy host.
+        silence = (options.heartbeat_timeout or HEARTBEAT_TIMEOUT) + NODE_SILENCE_SLACK
+        endpoint = ""
+        if self.node_rank == 0:
+            server = self.link = LinkServer(secret, options.local_addr or store_host(self.node.master_addr,
+                                                                                     options.nnodes),
+                                            self.node.master_addr, options.nnodes, silence)
+            endpoint = server.endpoint
+        plan = self.rendezvous.join(self.nprocs, options.rdzv_timeout, link=endpoint,
+                                    should_stop=self._stop_requested)
+        if self.node_rank != 0:
+            try:
+                self.link = LinkClient(secret, plan.link, self.node_rank, silence)
+            except OSError as exc:
+                raise CoordinatorError(f"node {self.node_rank} could not open its node link to node 0 at "
+                                       f"{plan.link}: {exc}") from exc
+        return secret, plan.world_size, plan.rank_offset
+
     def _check_other_nodes(self) -> None:
-        self._call_store(self._nodes.beat)
+        gone = self._node0_gone()
+        if gone is not None:
+            self._stop(signal.SIGTERM)
+            raise CoordinatorError(f"lost {self._describe_node(0)}: {gone}; stopped this node's workers")
         for number, node, reason in self._call_store(self._nodes.report_requests):
             running = {w.rank for w in self.workers if w.poll() is None}
             self._watch.asked_by(number, node, reason, running)
@@ -411,29 +444,65 @@ class _Launch:
             teardown = time.time()
             self._stop(signal.SIGTERM)
             raise WorkerFailedError(remote + self._failures(teardown))
-        if self.node_rank == 0:
+        if isinstance(self.link, LinkServer):
+            lost = self.link.lost()
+            for node, why in lost.items():
+                self._call_store(lambda: self._nodes.report_lost(node, why), quiet=True)
+        else:
             lost = self._call_store(self._nodes.lost_nodes)
-            if lost:
-                self._lost_nodes.update(lost)
-                self._stop(signal.SIGTERM)
-                raise _LostNodes(
-                    f"{node_list(lost)} stopped responding (their distrib-run was killed, or their "
-                    "host is unreachable); stopped this node's workers")
+        if lost:
+            self._lost_nodes.update(lost)
+            self._stop(signal.SIGTERM)
+            raise _LostNodes("lost " + "; ".join(f"{self._describe_node(k)}: {why}" for k, why in lost.items())
+                             + "; stopped this node's workers")
+
+    def _describe_node(self, node: int) -> str:
+        plan = self._nodes.plan
+        return plan.describe_node(node) if plan is not None else f"node {node}"
 
     def _call_store(self, fn, quiet: bool = False):
-        """A store operation; losing node 0's store stops this node's workers."""
-        try:
-            return fn()
-        except DistribError:
-            raise
-        except Exception as exc:
-            if quiet:
-                return None
-            self._stop(signal.SIGTERM)
-            raise CoordinatorError(
-                f"node {self.node_rank} lost the rendezvous store on node 0 "
-                f"({self.options.master_addr}): {exc}. Node 0's distrib-run has probably exited or "
-                "was killed; stopped this node's workers.") from exc
+        """A store operation; losing node 0 (or its store) stops this node's workers.
+
+        The call runs on a helper thread: a store client waits without end on a
+        node 0 that is stopped rather than gone, while the node link notices
+        the silence; whichever comes first decides.
+        """
+        box: dict = {}
+
+        def call() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # handed to the caller below
+                box["error"] = exc
+
+        helper = threading.Thread(target=call, name="distrib-store-call", daemon=True)
+        helper.start()
+        while helper.is_alive():
+            helper.join(_POLL * 5)
+            gone = self._node0_gone()
+            if gone is not None and helper.is_alive():
+                if quiet:
+                    return None
+                self._stop(signal.SIGTERM)
+                raise CoordinatorError(f"lost {self._describe_node(0)}: {gone}; stopped this node's workers")
+        exc = box.get("error")
+        if exc is None:
+            return box.get("value")
+        if isinstance(exc, DistribError):
+            raise exc
+        if quiet:
+            return None
+        self._stop(signal.SIGTERM)
+        raise CoordinatorError(
+            f"node {self.node_rank} lost the rendezvous store on node 0 "
+            f"({self.options.master_addr}): {exc}. Node 0's distrib-run has probably exited or "
+            "was killed; stopped this node's workers.") from exc
+
+    def _node0_gone(self) -> Optional[str]:
+        """Why node 0 counts as lost, seen from another node's link (None on node 0, or while it lives)."""
+        if isinstance(self.link, LinkClient):
+            return self.link.lost()
+        return None
 
     def _failures(self, teardown: float) -> list[WorkerFailure]:
         """Workers that failed on their own.
@@ -494,6 +563,8 @@ class _Launch:
         if self.rendezvous is None:
             return
         try:
+            if self._node0_gone() is not None:
+                return  # node 0 is not there to read anything (and its store may not answer)
             self.rendezvous.finish()
             if self.node_rank == 0:
                 # Not for nodes already lost: nobody is there to read anything.
@@ -503,6 +574,9 @@ class _Launch:
                     time.sleep(_REMOTE_POLL)
         except Exception:
             pass  # node 0's store is gone; there is nobody left to tell
+        finally:
+            if self.link is not None:
+                self.link.close()  # says this node is done, not lost
 
     # -- signals ----------------------------------------------------------------
     def _stop_requested(self) -> None:
