@@ -13,6 +13,9 @@ MASTER_ADDR           first host of SLURM_STEP_NODELIST (SLURM_JOB_NODELIST),
                       expanded with python-hostlist
 MASTER_PORT           hashed from launch id (DISTRIB_LAUNCH_ID)
 DISTRIB_LAUNCH_ID     ``slurm-<job id>.<step id>``: two steps of one job differ
+DISTRIB_SECRET        made per step by ``distrib-run --launcher slurm`` and
+                      passed in srun's environment; under a bare ``srun``,
+                      export one yourself (the control plane needs it)
 ====================  ==================================================
 
 Variables set explicitly win; where one contradicts SLURM (``RANK=3`` in a
@@ -27,6 +30,7 @@ multi-tenant server that ``init_process_group("env://")`` shares.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -36,6 +40,7 @@ from ..errors import ConfigError
 from ..ports import port_for_launch_id
 from ..runtime import environment_sources
 from ._errorfile import ERROR_DIR_VAR
+from ._secret import SECRET_VAR
 from ._srun import SrunStep
 from .api import Command, CommandLauncher, CommandOptions, launchers
 
@@ -197,6 +202,10 @@ class SlurmLauncher(CommandLauncher):
             env.pop(name, None)  # our own launcher's, if distrib-run itself runs inside one
         if nprocs is None or nprocs > 1:
             env.setdefault("OMP_NUM_THREADS", "1")
+        if not env.get(SECRET_VAR):
+            # One secret per job step, handed to every task in srun's environment (never
+            # through the store); a DISTRIB_SECRET the user exported is kept.
+            env[SECRET_VAR] = secrets.token_hex(32)
         try:
             return SrunStep(argv, env, options, error_dir, self._stdout or sys.stdout.buffer,
                              self._stderr or sys.stderr.buffer).run()

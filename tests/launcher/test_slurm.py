@@ -117,6 +117,25 @@ def test_distrib_run_launcher_slurm_runs_a_torchrun_script_through_srun(slurm, t
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_the_slurm_launcher_gives_its_tasks_one_secret_that_the_store_never_holds(slurm):
+    digests = []
+    for step in range(2):
+        argv = [which("salloc"), "-n", "3", *distrib_run_argv("--launcher", "slurm", "--nprocs", "3",
+                                                              script("slurm_secret.py"))]
+        result = _run(slurm, argv, timeout=200, extra={"DISTRIB_SECRET": ""})
+        assert result.returncode == 0, result.stderr + slurm.logs()
+        lines = re.findall(r"SECRET rank (\d) sha256 (\w+) length (\d+) keys (\d+) leaked (.*)$",
+                           result.stdout, re.M)
+        assert sorted(rank for rank, *_ in lines) == ["0", "1", "2"], result.stdout
+        assert len({digest for _, digest, *_ in lines}) == 1  # one secret for the step
+        assert all(int(length) >= 32 and int(keys) > 0 and leaked == "[]"
+                   for _, _, length, keys, leaked in lines), lines
+        digests.append(lines[0][1])
+    assert digests[0] != digests[1]  # a fresh one per step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_distrib_run_launcher_slurm_reports_the_root_cause(slurm):
     argv = [which("salloc"), "-n", "3", *distrib_run_argv(
         "--launcher", "slurm", "--nprocs", "3", "--show-ranks", "1", script("fail.py"), "raise", "1")]
