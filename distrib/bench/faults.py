@@ -16,7 +16,9 @@ by repetition. Per scenario it reports:
 - misses: runs whose root cause was not rank 0 with the right reason (a rank fault),
   or whose launcher did not end by the signal it got (a launcher fault).
 
-``--sections leaks`` adds the load-and-leak run (barriers and broadcasts on 8 ranks,
+``--sections nodes`` adds two-node launches on this host that lose a node (its
+launcher SIGKILLed, or the whole node SIGSTOPped; see :mod:`distrib.bench._fault_nodes`),
+``leaks`` adds the load-and-leak run (barriers and broadcasts on 8 ranks,
 launches in a row; see :mod:`distrib.bench._fault_leaks`) and ``startup`` the start-up
 comparison with ``torch.multiprocessing.spawn``. Writes ``faults.json`` and
 ``faults.md`` to ``--out`` (``faults-<sections>.*`` for a run without the faults).
@@ -219,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="runs of the early death (os._exit at start; default 100)")
     parser.add_argument("--launchers", default="launch,run", help="launch, run, or both (default)")
     parser.add_argument("--only", default=None, help="a regular expression on scenario names")
-    parser.add_argument("--sections", default="faults,leaks,startup",
-                        help="faults, leaks, startup (default: all three)")
+    parser.add_argument("--sections", default="faults,nodes,leaks,startup",
+                        help="faults, nodes, leaks, startup (default: all four)")
     parser.add_argument("--leak-iterations", type=int, default=10_000,
                         help="barriers and broadcasts on 8 ranks in the leaks section (default 10000)")
     parser.add_argument("--leak-launches", type=int, default=200,
@@ -250,6 +252,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows.append(summarize(scenario.name, runs))
             print(_row_text(rows[-1]), flush=True)
         report["faults"] = rows
+    if "nodes" in sections:
+        from ._fault_nodes import nodes
+
+        report["nodes"] = nodes(repeat=args.repeat)
     if "leaks" in sections:
         from ._fault_leaks import leaks
 
@@ -298,6 +304,18 @@ def markdown(report: dict) -> str:
             lines.append(f"- {r['scenario']}: {'; '.join(r['examples'])}")
         if bad:
             lines.append("")
+    rows = report.get("nodes")
+    if rows:
+        lines += ["## nodes", "", "Two `distrib-run` on this host as node 0 and node 1 (2 ranks each, waiting in a "
+                  "barrier); one node's launcher SIGKILLed, or its launcher and ranks SIGSTOPped. Time from the "
+                  "fault until the other node's launcher has exited and every process of the launch is gone; "
+                  "misnamed: the survivor's error does not name the lost node.", "",
+                  "| scenario | runs | median s | max s | bound s | over bound | orphans | misnamed |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['scenario']} | {r['runs']} | {_num(r['median_s'])} | {_num(r['max_s'])} | "
+                         f"{r['bound_s']:g} | {r['over_bound']} | {r['orphans']} | {r['misnamed']} |")
+        lines += [""] + [f"- {r['scenario']}: {'; '.join(r['examples'])}" for r in rows if r["examples"]] + [""]
     for key in ("leaks", "startup"):
         if key in report:
             lines += [f"## {key}", "", "```json", json.dumps(report[key], indent=1), "```", ""]
