@@ -109,9 +109,8 @@ def run_once(lost: int, kind: str) -> dict:
         text = errs[1 - lost].read().decode(errors="replace")
         for err in errs:
             err.close()
-        pattern = (rf"lost node {lost} \(" if lost == 1 or kind == "sigstop"
-                   else r"lost node 0 \(|lost the rendezvous store")
-        named = survivor.returncode not in (0, None) and re.search(pattern, text) is not None
+        named = (survivor.returncode not in (0, None) and re.search(rf"lost node {lost} \(", text) is not None
+                 and "root cause" not in text)  # the lost node, not a survivor's rank that lost its peers
         return {"seconds": max(exited_at, gone_at) - fault_at,
                 "orphans": orphans, "named": named,
                 "detail": "" if named else f"exit {survivor.returncode}: {text[-300:]!r}"}

@@ -54,6 +54,7 @@ __all__ = ["SubprocessLauncher"]
 _POLL = 0.02              # seconds between looks at the workers
 _REMOTE_POLL = 0.25       # seconds between looks at the other nodes
 NODE_SILENCE_SLACK = 3.0  # seconds a node may be silent beyond the ranks' heartbeat timeout
+_LINK_NEWS = 0.1          # seconds a local failure waits for the node link to tell of a lost node
 _FAILURE_LINGER = 10.0    # node 0 keeps the store up this long for other nodes to read a failure
 
 
@@ -391,8 +392,20 @@ class _Launch:
         return [0] * self.nprocs
 
     def _local_failure(self):
-        """A local worker failed: tell the other nodes, stop everything, report."""
+        """A local worker failed: tell the other nodes, stop everything, report.
+
+        A worker that failed because a node was lost (its connections to that
+        node's ranks, or to node 0's store, broke) is not the root cause: the
+        lost node is, and the link tells of it at once, so it gets a moment to.
+        """
         time.sleep(_POLL)  # let ranks failing at the same moment show up before the teardown
+        if self.link is not None:
+            news_by = time.monotonic() + _LINK_NEWS
+            while True:
+                self._check_link()
+                if time.monotonic() >= news_by:
+                    break
+                time.sleep(_POLL)
         teardown = time.time()
         if self.rendezvous is not None:
             failures = self._failures(teardown)
@@ -432,10 +445,7 @@ class _Launch:
         return secret, plan.world_size, plan.rank_offset
 
     def _check_other_nodes(self) -> None:
-        gone = self._node0_gone()
-        if gone is not None:
-            self._stop(signal.SIGTERM)
-            raise CoordinatorError(f"lost {self._describe_node(0)}: {gone}; stopped this node's workers")
+        self._check_link()
         for number, node, reason in self._call_store(self._nodes.report_requests):
             running = {w.rank for w in self.workers if w.poll() is None}
             self._watch.asked_by(number, node, reason, running)
@@ -444,12 +454,22 @@ class _Launch:
             teardown = time.time()
             self._stop(signal.SIGTERM)
             raise WorkerFailedError(remote + self._failures(teardown))
+        if isinstance(self.link, LinkClient):
+            self._lose(self._call_store(self._nodes.lost_nodes))  # what node 0 saw
+
+    def _check_link(self) -> None:
+        """Stop this node's workers and raise if this node's link has lost a node."""
+        gone = self._node0_gone()
+        if gone is not None:
+            self._stop(signal.SIGTERM)
+            raise CoordinatorError(f"lost {self._describe_node(0)}: {gone}; stopped this node's workers")
         if isinstance(self.link, LinkServer):
             lost = self.link.lost()
-            for node, why in lost.items():
+            for node, why in lost.items():  # for the other nodes, which have no link to that one
                 self._call_store(lambda: self._nodes.report_lost(node, why), quiet=True)
-        else:
-            lost = self._call_store(self._nodes.lost_nodes)
+            self._lose(lost)
+
+    def _lose(self, lost: dict[int, str]) -> None:
         if lost:
             self._lost_nodes.update(lost)
             self._stop(signal.SIGTERM)
@@ -492,6 +512,8 @@ class _Launch:
             raise exc
         if quiet:
             return None
+        time.sleep(_LINK_NEWS)  # a store that broke because node 0 died: the link says so, better
+        self._check_link()
         self._stop(signal.SIGTERM)
         raise CoordinatorError(
             f"node {self.node_rank} lost the rendezvous store on node 0 "
