@@ -119,8 +119,7 @@ class LinkServer:
                             self._lose(selector, peer, "its connection broke")
                 for peer in self._snapshot():
                     if now - peer.last > self._silence:
-                        self._lose(selector, peer, f"it sent nothing for {self._silence:g}s (stopped, hung, "
-                                                   "or cut off from this host)")
+                        self._lose(selector, peer, _silent(self._silence))
         except Exception:  # noqa: BLE001 — a broken link thread must not take the launcher down
             logger.exception("distrib-run: the node link stopped")
         finally:
@@ -180,18 +179,14 @@ class LinkServer:
             return None
 
     def _read(self, selector, peer: _Peer) -> None:
-        try:
-            data = peer.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        data = _receive(peer.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             if peer.closing:
                 self._forget(selector, peer)
             else:
-                self._lose(selector, peer, "its distrib-run's connection closed (it was killed, or its host "
-                                           "went down)")
+                self._lose(selector, peer, _CLOSED)
             return
         peer.last = time.monotonic()
         if _CLOSING in data:
@@ -265,26 +260,38 @@ class LinkClient:
                         self._lost = "its connection broke"
                         break
                 if selector.select(timeout=0.05):
-                    try:
-                        data = self._sock.recv(4096)
-                    except (BlockingIOError, InterruptedError):
+                    data = _receive(self._sock)
+                    if data is None:
                         continue
-                    except OSError:
-                        data = b""
                     if not data:
                         if not self._closing:
-                            self._lost = ("its distrib-run's connection closed (it was killed, or its host "
-                                          "went down)")
+                            self._lost = _CLOSED
                         break
                     last = time.monotonic()
                     self._closing = self._closing or _CLOSING in data
                 elif time.monotonic() - last > self._silence:
-                    self._lost = (f"it sent nothing for {self._silence:g}s (stopped, hung, or cut off from "
-                                  "this host)")
+                    self._lost = _silent(self._silence)
         except Exception:  # noqa: BLE001 — a broken link thread must not take the launcher down
             logger.exception("distrib-run: the node link stopped")
         finally:
             selector.close()
+
+
+_CLOSED = "its distrib-run's connection closed (it was killed, or its host went down)"
+
+
+def _silent(silence: float) -> str:
+    return f"it sent nothing for {silence:g}s (stopped, hung, or cut off from this host)"
+
+
+def _receive(sock: socket.socket) -> Optional[bytes]:
+    """What came (b"": the connection ended), or None if nothing after all."""
+    try:
+        return sock.recv(4096)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
