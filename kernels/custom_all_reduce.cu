@@ -14,7 +14,13 @@ namespace distrib {
   template __global__ void two_shot<T, N>(const Context*, const RankData*, const uint4*, \
                                           uint4*, int, unsigned);                                  \
   template __global__ void lamport_one_shot<T, N>(const Context*, const RankData*,       \
-                                                  const uint4*, uint4*, int, unsigned);
+                                                  const uint4*, uint4*, int, unsigned);           \
+  template __global__ void one_shot_norm<T, N>(const Context*, const RankData*, const uint4*,     \
+                                               uint4*, int, unsigned, const Norm);                 \
+  template __global__ void two_shot_norm<T, N>(const Context*, const RankData*, const uint4*,     \
+                                               uint4*, int, unsigned, const Norm);                 \
+  template __global__ void lamport_norm<T, N>(const Context*, const RankData*, const uint4*,      \
+                                              uint4*, int, unsigned, const Norm);
 #define DISTRIB_INSTANTIATE_DTYPES(N) \
   DISTRIB_INSTANTIATE(float, N)       \
   DISTRIB_INSTANTIATE(__half, N)      \

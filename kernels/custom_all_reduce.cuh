@@ -352,6 +352,44 @@ __device__ __forceinline__ void test_stall(const Context* ctx, u32 call) {
 __device__ __forceinline__ void test_stall(const Context*, u32) {}
 #endif
 
+// ---------------------------------------------------------------------------
+// Float arithmetic that keeps subnormals
+// ---------------------------------------------------------------------------
+// CuPy compiles every NVRTC program with -ftz=true, which makes each float32
+// `+`, `*` and sqrt of this file flush subnormal inputs and results to zero:
+// 2.9e-39 + 0.0 came back 0.0 in float32 and bfloat16 (whose range is
+// float32's), where PyTorch's sum keeps 2.9e-39. The reductions and the norm
+// therefore spell their arithmetic out in PTX, whose instructions without
+// .ftz keep subnormals whatever the compiler flags say. Round to nearest
+// even, as IEEE 754 and PyTorch do; not volatile, so the compiler still
+// schedules them freely (an add is an add: this costs nothing).
+__device__ __forceinline__ float add_rn(float a, float b) {
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float fma_rn(float a, float b, float c) {
+  float r;
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+  return r;
+}
+__device__ __forceinline__ float div_rn(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+// 1 / sqrt(x), each step correctly rounded (rsqrt.approx would be 2 ulp off).
+__device__ __forceinline__ float rsqrt_rn(float x) {
+  float r;
+  asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return div_rn(1.0f, r);
+}
+
 // 16 bytes of T, reduced in float.
 template <typename T> struct Pack;
 template <> struct Pack<float> {
@@ -411,7 +449,7 @@ __device__ __forceinline__ uint4 reduce_pack(const RankData* data, int idx) {
   for (int p = 1; p < N; ++p) {
     Pack<T>::load(reinterpret_cast<const uint4*>(data->ptrs[p])[idx], x);
 #pragma unroll
-    for (int i = 0; i < Pack<T>::n; ++i) acc[i] += x[i];
+    for (int i = 0; i < Pack<T>::n; ++i) acc[i] = add_rn(acc[i], x[i]);
   }
   return Pack<T>::store(acc);
 }
@@ -570,47 +608,38 @@ __device__ __forceinline__ uint4 ld_volatile_v4(const uint4* addr) {
   return v;
 }
 
+// What every Lamport kernel reads of its rank's state at entry.
 template <typename T, int N>
-__global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restrict__ ctx,
-                                                        const RankData* __restrict__ unused,
-                                                        const uint4* __restrict__ in,
-                                                        uint4* __restrict__ out, int packs, u32 call) {
-  typedef Sentinel<T> S;
-  const int stride = gridDim.x * blockDim.x;
-  const int first = blockIdx.x * blockDim.x + threadIdx.x;
-  // Read by the threads that push. A plain load (it shares a cache line with
-  // the rotation, so it costs nothing): what must be seen here is only this
-  // rank's own stop, and a rank that stopped has itself passed the poison on
-  // (CAS into its own word, then a fence) in an earlier kernel of its stream,
-  // whose writes every later kernel sees. Another rank's poison that this
-  // rank has not seen yet does not make its pushes unsafe: it is still in
-  // step, and the spin below sees the poison.
-  const u32 poisoned = kFailStop && first < packs ? ctx->self->poison : 0u;
-  const u32 rotation = ctx->self->lamport_copy[blockIdx.x];
-  const u32 calls = threadIdx.x == 0 ? ctx->self->lamport_calls[blockIdx.x] : 0u;
-  const int rank = ctx->rank;
-  const long slot = ctx->lamport_slot_packs;
-  // Offset of slot 0 of this call's copy, for this sentinel class.
-  const long copy = ((long)rotation * 2 + S::cls) * N * slot;
+struct LamportCall {
+  u32 poisoned;  // this rank's poison word, read by the threads that push
+  u32 rotation;  // the copy this call uses: 0, 1, 2
+  u32 calls;     // Lamport calls made by this block (thread 0 only; for reports)
+  uint4* mine;   // this call's copy of this rank's buffer, slot 0
+  long slot;     // one rank's slot, in packs
+  u64 deadline;
 
-  for (int i = first; i < packs; i += stride) {
-    uint4 v = in[i];
-    v = make_uint4(S::clean(v.x), S::clean(v.y), S::clean(v.z), S::clean(v.w));
+  // Pushes this rank's input (packs striped over the whole grid) into slot
+  // `rank` of every peer's copy.
+  __device__ __forceinline__ void push(const Context* ctx, const uint4* in, int packs) {
+    typedef Sentinel<T> S;
+    const long copy = ((long)rotation * 2 + S::cls) * N * slot;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < packs; i += gridDim.x * blockDim.x) {
+      uint4 v = in[i];
+      v = make_uint4(S::clean(v.x), S::clean(v.y), S::clean(v.z), S::clean(v.w));
 #pragma unroll
-    for (int p = 0; p < N; ++p) {
-      uint4* dst = ctx->lamport[p] + copy + rank * slot + i;
-      // A stopped communicator publishes nothing more.
-      if (kFailStop) st_volatile_v4_unless(dst, v, poisoned);
-      else st_volatile_v4(dst, v);
+      for (int p = 0; p < N; ++p) {
+        uint4* dst = ctx->lamport[p] + copy + ctx->rank * slot + i;
+        // A stopped communicator publishes nothing more.
+        if (kFailStop) st_volatile_v4_unless(dst, v, poisoned);
+        else st_volatile_v4(dst, v);
+      }
     }
   }
 
-  uint4* mine = ctx->lamport[rank] + copy;
-  const uint4 empty = make_uint4(S::word, S::word, S::word, S::word);
-  const u64 deadline = global_timer_ns() + ctx->timeout_ns;
-  bool ok = poisoned == 0u;
-  if (!ok) stopped<N>(ctx, poisoned, call);
-  for (int i = first; i < packs && ok; i += stride) {
+  // Waits until pack i of every rank has landed here, sums them in rank
+  // order into `sum` and re-fills the sentinel. False if the call must stop.
+  __device__ __forceinline__ bool take(const Context* ctx, int i, u32 call, uint4& sum) {
+    typedef Sentinel<T> S;
     // Every peer's pack is requested at once; most have landed by now.
     uint4 v[N];
 #pragma unroll
@@ -626,34 +655,291 @@ __global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restric
         }
       }
       if (late < 0) break;
-      if ((spins & 1023u) == 0u && must_stop<N>(ctx, &ctx->self->poison, deadline, late, call)) {
-        ok = false;
-        break;
-      }
+      if ((spins & 1023u) == 0u && must_stop<N>(ctx, &ctx->self->poison, deadline, late, call)) return false;
     }
-    if (!ok) break;
     float acc[Pack<T>::n], x[Pack<T>::n];
     Pack<T>::load(v[0], acc);
 #pragma unroll
     for (int p = 1; p < N; ++p) {
       Pack<T>::load(v[p], x);
 #pragma unroll
-      for (int e = 0; e < Pack<T>::n; ++e) acc[e] += x[e];
+      for (int e = 0; e < Pack<T>::n; ++e) acc[e] = add_rn(acc[e], x[e]);
     }
-    out[i] = Pack<T>::store(acc);
+    sum = Pack<T>::store(acc);
+    const uint4 empty = make_uint4(S::word, S::word, S::word, S::word);
 #pragma unroll
     for (int p = 0; p < N; ++p) mine[p * slot + i] = empty;
+    return true;
+  }
+
+  // The rotation moves on (every block, once per call, stopped or not).
+  __device__ __forceinline__ void finish(const Context* ctx) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      ctx->self->lamport_calls[blockIdx.x] = calls + 1u;
+      ctx->self->lamport_copy[blockIdx.x] = rotation == 2u ? 0u : rotation + 1u;
+    }
+  }
+};
+
+template <typename T, int N>
+__device__ __forceinline__ LamportCall<T, N> lamport_call(const Context* ctx) {
+  LamportCall<T, N> c;
+  // Read by every thread (the fused kernel's blocks read rows that other
+  // blocks push). A plain load (it shares a cache line with
+  // the rotation, so it costs nothing): what must be seen here is only this
+  // rank's own stop, and a rank that stopped has itself passed the poison on
+  // (CAS into its own word, then a fence) in an earlier kernel of its stream,
+  // whose writes every later kernel sees. Another rank's poison that this
+  // rank has not seen yet does not make its pushes unsafe: it is still in
+  // step, and the spin in take() sees the poison.
+  c.poisoned = kFailStop ? ctx->self->poison : 0u;
+  c.rotation = ctx->self->lamport_copy[blockIdx.x];
+  c.calls = threadIdx.x == 0 ? ctx->self->lamport_calls[blockIdx.x] : 0u;
+  c.slot = ctx->lamport_slot_packs;
+  // Slot 0 of this call's copy, for this sentinel class.
+  c.mine = ctx->lamport[ctx->rank] + ((long)c.rotation * 2 + Sentinel<T>::cls) * N * c.slot;
+  return c;
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(512) lamport_one_shot(const Context* __restrict__ ctx,
+                                                        const RankData* __restrict__ unused,
+                                                        const uint4* __restrict__ in,
+                                                        uint4* __restrict__ out, int packs, u32 call) {
+  LamportCall<T, N> c = lamport_call<T, N>(ctx);
+  c.push(ctx, in, packs);
+  c.deadline = global_timer_ns() + ctx->timeout_ns;
+  bool ok = c.poisoned == 0u;
+  if (!ok) stopped<N>(ctx, c.poisoned, call);
+  const int first = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x;
+  for (int i = first; i < packs && ok; i += stride) {
+    uint4 sum;
+    ok = c.take(ctx, i, call, sum);
+    if (ok) out[i] = sum;
   }
   // A thread that stopped leaves NaN in all of its packs (exact ones included).
   if (kFailStop && !ok) {
     const uint4 nan = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu);
     for (int i = first; i < packs; i += stride) out[i] = nan;
   }
+  c.finish(ctx);
+}
+
+// ---------------------------------------------------------------------------
+// Fused: all-reduce, residual add and RMSNorm in one kernel
+// ---------------------------------------------------------------------------
+// For [rows, hidden] tensors:  residual += all_reduce(in);
+//                               out = residual * rsqrt(mean(residual^2) + eps) * weight.
+// The all-reduced value is rounded to T before the add, exactly as an
+// all_reduce followed by PyTorch's `residual += x` rounds it, so residual_out
+// is bitwise what the unfused sequence gives, and the same on every rank. The
+// norm works in float32 on the rounded residual: the row's sum of squares (a
+// fixed tree over the block's threads, so the same on every rank), then
+// out = round(r * rstd * w), one rounding. A block owns whole rows: its row's
+// sum of squares is a block reduction, and (barrier kernels) the rows a
+// block stages are the rows peers' block of the same index reads.
+//
+// Two-shot splits by rows: rank r reduces and normalises rows
+// [r * part, (r + 1) * part), puts both results in its scratch buffer (the
+// host makes sure both fit), and every rank copies the other rows from their
+// owners. So each row's residual comes from the rank that reduced it:
+// residual must be the same on every rank, as in tensor parallelism.
+//
+// Fail-stop as in the unfused kernels: a block that stops leaves NaN in both
+// outputs of all of its rows.
+
+struct Norm {
+  const uint4* residual_in;
+  uint4* residual_out;  // residual_in for the in-place form
+  const uint4* weight;  // [row_packs]
+  int row_packs;        // 16-byte packs per row
+  float eps;
+};
+
+// The sum of v over the block, in every thread. The xor butterfly leaves
+// bitwise the same value in every lane (a + b == b + a), and the tree is
+// the same on every rank.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float warp_sums[32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = add_rn(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();  // every thread has read the last row's sums
+  if (lane == 0) warp_sums[warp] = v;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    ctx->self->lamport_calls[blockIdx.x] = calls + 1u;
-    ctx->self->lamport_copy[blockIdx.x] = rotation == 2u ? 0u : rotation + 1u;
+  v = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0.0f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = add_rn(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+
+// Pass 1 for pack i: residual_out[i] = round(residual_in[i] + reduced);
+// returns sq plus the squares of the rounded values.
+template <typename T>
+__device__ __forceinline__ float add_residual(const Norm& norm, int i, const uint4& reduced, float sq) {
+  float a[Pack<T>::n], r[Pack<T>::n];
+  Pack<T>::load(reduced, a);
+  Pack<T>::load(norm.residual_in[i], r);
+#pragma unroll
+  for (int e = 0; e < Pack<T>::n; ++e) r[e] = add_rn(r[e], a[e]);
+  const uint4 rounded = Pack<T>::store(r);
+  norm.residual_out[i] = rounded;
+  Pack<T>::load(rounded, r);
+#pragma unroll
+  for (int e = 0; e < Pack<T>::n; ++e) sq = fma_rn(r[e], r[e], sq);
+  return sq;
+}
+
+template <typename T>
+__device__ __forceinline__ float row_rstd(const Norm& norm, float sum_of_squares) {
+  return rsqrt_rn(add_rn(div_rn(sum_of_squares, (float)(norm.row_packs * Pack<T>::n)), norm.eps));
+}
+
+// Pass 2 for pack i, column pack j: out[i] = round(residual_out[i] * rstd * weight[j]).
+// residual_out[i] was written by this same thread in pass 1.
+template <typename T>
+__device__ __forceinline__ uint4 normalize(const Norm& norm, int i, int j, float rstd) {
+  float r[Pack<T>::n], w[Pack<T>::n];
+  Pack<T>::load(norm.residual_out[i], r);
+  Pack<T>::load(norm.weight[j], w);
+#pragma unroll
+  for (int e = 0; e < Pack<T>::n; ++e) r[e] = mul_rn(mul_rn(r[e], rstd), w[e]);
+  return Pack<T>::store(r);
+}
+
+// Rows [begin, end) of the input into this rank's staging buffer, a block
+// per row, as the reads after the next barrier take them.
+__device__ __forceinline__ void stage_rows(const Context* ctx, const RankData* data, const uint4* in,
+                                           int begin, int end, int row_packs) {
+  if (in == nullptr) return;  // registered path: peers read the caller's tensor
+  uint4* staging = reinterpret_cast<uint4*>(const_cast<void*>(data->ptrs[ctx->rank]));
+  for (int row = begin + blockIdx.x; row < end; row += gridDim.x)
+    for (int j = threadIdx.x; j < row_packs; j += blockDim.x) staging[row * row_packs + j] = in[row * row_packs + j];
+}
+
+// NaN in both outputs of this block's rows of [begin, end).
+__device__ __forceinline__ void poison_rows(uint4* out, const Norm& norm, int begin, int end) {
+  const uint4 nan = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu);
+  for (int row = begin + blockIdx.x; row < end; row += gridDim.x)
+    for (int j = threadIdx.x; j < norm.row_packs; j += blockDim.x) {
+      out[row * norm.row_packs + j] = nan;
+      norm.residual_out[row * norm.row_packs + j] = nan;
+    }
+}
+
+// Reduces, adds and normalises rows [begin, end) (a block per row); each
+// normalised pack also goes to `copy` (and its residual to `copy + packs`) when given.
+template <typename T, int N>
+__device__ __forceinline__ void reduce_rows(const RankData* data, uint4* out, const Norm& norm, int begin,
+                                            int end, uint4* copy, int packs) {
+  for (int row = begin + blockIdx.x; row < end; row += gridDim.x) {
+    const int base = row * norm.row_packs;
+    float sq = 0.0f;
+    for (int j = threadIdx.x; j < norm.row_packs; j += blockDim.x)
+      sq = add_residual<T>(norm, base + j, reduce_pack<T, N>(data, base + j), sq);
+    const float rstd = row_rstd<T>(norm, block_sum(sq));
+    for (int j = threadIdx.x; j < norm.row_packs; j += blockDim.x) {
+      const uint4 v = normalize<T>(norm, base + j, j, rstd);
+      out[base + j] = v;
+      if (copy != nullptr) {
+        copy[base + j] = v;
+        copy[packs + base + j] = norm.residual_out[base + j];
+      }
+    }
   }
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(512) one_shot_norm(const Context* __restrict__ ctx,
+                                                     const RankData* __restrict__ data,
+                                                     const uint4* __restrict__ in,
+                                                     uint4* __restrict__ out, int packs, u32 call,
+                                                     const Norm norm) {
+  const Link l = link<N>(ctx, data);
+  u32 epoch = ctx->self->epoch[blockIdx.x];
+  const u64 deadline = global_timer_ns() + ctx->timeout_ns;
+  const int rows = packs / norm.row_packs;
+  stage_rows(ctx, data, in, 0, rows, norm.row_packs);
+  bool ok = barrier<N, kFirst>(ctx, l, ++epoch, deadline, call);
+  if (ok) {
+    test_stall(ctx, call);
+    reduce_rows<T, N>(data, out, norm, 0, rows, nullptr, packs);
+    ok = barrier<N, kLast>(ctx, l, ++epoch, deadline, call);
+  }
+  if (kFailStop && !ok) poison_rows(out, norm, 0, rows);
+  if (threadIdx.x == 0) ctx->self->epoch[blockIdx.x] = epoch;
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(512) two_shot_norm(const Context* __restrict__ ctx,
+                                                     const RankData* __restrict__ data,
+                                                     const uint4* __restrict__ in,
+                                                     uint4* __restrict__ out, int packs, u32 call,
+                                                     const Norm norm) {
+  const Link l = link<N>(ctx, data);
+  u32 epoch = ctx->self->epoch[blockIdx.x];
+  const u64 deadline = global_timer_ns() + ctx->timeout_ns;
+  const int rows = packs / norm.row_packs;
+  const int part = (rows + N - 1) / N;  // rows per rank
+  const int rank = ctx->rank;
+  for (int c = 0; c < N; ++c) stage_rows(ctx, data, in, c * part, min((c + 1) * part, rows), norm.row_packs);
+  bool ok = barrier<N, kFirst>(ctx, l, ++epoch, deadline, call);
+  if (ok) {
+    reduce_rows<T, N>(data, out, norm, rank * part, min((rank + 1) * part, rows),
+                      reinterpret_cast<uint4*>(ctx->scratch[rank]), packs);
+    ok = barrier<N, kMiddle>(ctx, l, ++epoch, deadline, call);
+    if (ok) {
+      test_stall(ctx, call);
+#pragma unroll
+      for (int step = 1; step < N; ++step) {
+        const int p = (rank + step) % N;  // spread the reads over peers
+        const uint4* scratch = reinterpret_cast<const uint4*>(ctx->scratch[p]);
+        for (int row = p * part + blockIdx.x; row < min((p + 1) * part, rows); row += gridDim.x)
+          for (int j = threadIdx.x; j < norm.row_packs; j += blockDim.x) {
+            const int i = row * norm.row_packs + j;
+            out[i] = scratch[i];
+            norm.residual_out[i] = scratch[packs + i];
+          }
+      }
+      // Scratch and inputs stay untouched until every peer has copied out.
+      ok = barrier<N, kLast>(ctx, l, ++epoch, deadline, call);
+    }
+  }
+  if (kFailStop && !ok) poison_rows(out, norm, 0, rows);
+  if (threadIdx.x == 0) ctx->self->epoch[blockIdx.x] = epoch;
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(512) lamport_norm(const Context* __restrict__ ctx,
+                                                    const RankData* __restrict__ unused,
+                                                    const uint4* __restrict__ in,
+                                                    uint4* __restrict__ out, int packs, u32 call,
+                                                    const Norm norm) {
+  LamportCall<T, N> c = lamport_call<T, N>(ctx);
+  c.push(ctx, in, packs);
+  c.deadline = global_timer_ns() + ctx->timeout_ns;
+  const int rows = packs / norm.row_packs;
+  bool ok = c.poisoned == 0u;
+  if (!ok) stopped<N>(ctx, c.poisoned, call);
+  // `ok` is the block's: a row's norm needs every thread of the block.
+  ok = !__syncthreads_or(!ok);
+  for (int row = blockIdx.x; row < rows && ok; row += gridDim.x) {
+    const int base = row * norm.row_packs;
+    float sq = 0.0f;
+    bool mine = true;
+    for (int j = threadIdx.x; j < norm.row_packs && mine; j += blockDim.x) {
+      uint4 sum;
+      mine = c.take(ctx, base + j, call, sum);
+      if (mine) sq = add_residual<T>(norm, base + j, sum, sq);
+    }
+    ok = !__syncthreads_or(!mine);
+    if (!ok) break;
+    const float rstd = row_rstd<T>(norm, block_sum(sq));
+    for (int j = threadIdx.x; j < norm.row_packs; j += blockDim.x) out[base + j] = normalize<T>(norm, base + j, j, rstd);
+  }
+  if (kFailStop && !ok) poison_rows(out, norm, 0, rows);
+  c.finish(ctx);
 }
 
 // Writes `pattern` into every peer's p2p_check slot for this rank, through

@@ -11,7 +11,7 @@ import ctypes
 
 from ..errors import CommunicatorError
 
-__all__ = ["KernelLauncher", "SendRecvLauncher", "allocation_of", "max_resident_blocks"]
+__all__ = ["KernelLauncher", "Norm", "NormLauncher", "SendRecvLauncher", "allocation_of", "max_resident_blocks"]
 
 _libcuda = None
 
@@ -68,12 +68,12 @@ class _Launcher:
 class KernelLauncher(_Launcher):
     """The custom all-reduce kernels' launch: ``(ctx, data, in, out, packs, call)``."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, extra: tuple = (), what: str = "custom all-reduce"):
         self._ctx, self._data, self._inp, self._out = (ctypes.c_uint64() for _ in range(4))
         self._packs = ctypes.c_int32()
         self._call = ctypes.c_uint32()
-        super().__init__(threads, (self._ctx, self._data, self._inp, self._out, self._packs, self._call),
-                         "custom all-reduce")
+        super().__init__(threads, (self._ctx, self._data, self._inp, self._out, self._packs, self._call) + extra,
+                         what)
 
     def __call__(self, function: int, blocks: int, ctx: int, data: int, inp: int, out: int,
                  packs: int, call: int, stream: int) -> None:
@@ -84,6 +84,28 @@ class KernelLauncher(_Launcher):
                                            self._params, None)
         if status:
             raise self._failed(status)
+
+
+class Norm(ctypes.Structure):
+    """``struct Norm`` of the fused kernels (kernels/custom_all_reduce.cuh), passed by value."""
+
+    _fields_ = [("residual_in", ctypes.c_uint64), ("residual_out", ctypes.c_uint64),
+                ("weight", ctypes.c_uint64), ("row_packs", ctypes.c_int32), ("eps", ctypes.c_float)]
+
+
+class NormLauncher(KernelLauncher):
+    """The fused all-reduce + residual + RMSNorm kernels: ``(ctx, data, in, out, packs, call, norm)``."""
+
+    def __init__(self, threads: int):
+        self._norm = Norm()
+        super().__init__(threads, (self._norm,), "fused all-reduce + RMSNorm")
+
+    def launch(self, function: int, blocks: int, ctx: int, data: int, inp: int, out: int, packs: int,
+               call: int, stream: int, norm: tuple[int, int, int, int, float]) -> None:
+        """``norm``: (residual_in, residual_out, weight, row_packs, eps)."""
+        cell = self._norm
+        cell.residual_in, cell.residual_out, cell.weight, cell.row_packs, cell.eps = norm
+        self(function, blocks, ctx, data, inp, out, packs, call, stream)
 
 
 class SendRecvLauncher(_Launcher):

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
 from ..errors import CommunicatorError
-from ._cuda_driver import KernelLauncher, allocation_of, max_resident_blocks
+from ._cuda_driver import KernelLauncher, NormLauncher, allocation_of, max_resident_blocks
 from ._ipc import (ERROR_RECORD_WORDS, IpcHandles, StreamOrder, Watchdog, copy_to_device,  # noqa: F401
                    is_capturing, keep_until_exit, kernel_source_dir, mapped_error_record, write_through_peers)
 
@@ -64,6 +64,9 @@ class Algorithm:
 
 
 ALGORITHMS = (Algorithm.LAMPORT, Algorithm.ONE_SHOT, Algorithm.TWO_SHOT)
+# The fused all-reduce + residual add + RMSNorm kernel of each algorithm.
+NORM_KERNELS = {Algorithm.LAMPORT: "lamport_norm", Algorithm.ONE_SHOT: "one_shot_norm",
+                Algorithm.TWO_SHOT: "two_shot_norm"}
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class CustomAllReduceEngine:
         self.timeout_s = timeout_s
         self.on_error = on_error
         self._launcher = KernelLauncher(THREADS)
+        self._norm_launcher = NormLauncher(THREADS)
         self._coordinator = coordinator
         self._closed = False
         self._handles = IpcHandles()  # peers' opened buffers
@@ -150,6 +154,9 @@ class CustomAllReduceEngine:
             # CUfunction handles, for the ctypes launcher.
             self._kernels = {(alg, t): self._module.get_function(
                 f"distrib::{alg}<{k}, {self.world_size}>").kernel.ptr
+                for alg in ALGORITHMS for t, k in KERNEL_TYPES.items()}
+            self._norm_kernels = {(alg, t): self._module.get_function(
+                f"distrib::{NORM_KERNELS[alg]}<{k}, {self.world_size}>").kernel.ptr
                 for alg in ALGORITHMS for t, k in KERNEL_TYPES.items()}
             self._p2p_test = self._module.get_function("distrib::p2p_write_test")
             sms = rt.getDeviceProperties(device)["multiProcessorCount"]
@@ -200,7 +207,8 @@ class CustomAllReduceEngine:
 
     def _resident_blocks(self, sms: int) -> int:
         """Blocks of the least-occupying kernel that the whole GPU holds at once."""
-        return min(max_resident_blocks(function, THREADS, sms) for function in self._kernels.values())
+        return min(max_resident_blocks(function, THREADS, sms)
+                   for function in (*self._kernels.values(), *self._norm_kernels.values()))
 
     # -- set-up helpers ----------------------------------------------------------
     def _write_slot(self, slot: int, pointers: list[int]) -> None:
@@ -230,12 +238,13 @@ class CustomAllReduceEngine:
         return Algorithm.TWO_SHOT
 
     def launch(self, dtype: str, inp: int, out: int, nbytes: int, stream: int,
-               algorithm: Optional[str] = None) -> str:
+               algorithm: Optional[str] = None, norm: Optional[tuple[int, int, int, int, float]] = None) -> str:
         """Enqueue one all-reduce of ``inp`` into ``out`` on ``stream``. Returns the algorithm used.
 
         An out-of-place call captured inside :meth:`capturing` is *registered*:
         peers will read ``inp`` itself once :meth:`register_graph_buffers` has
         run. Every other call stages ``inp`` into this rank's buffer first.
+        With ``norm`` (see :meth:`launch_norm`) the fused kernel of the algorithm runs.
         """
         if self.error[0]:
             raise self.failure()
@@ -244,33 +253,58 @@ class CustomAllReduceEngine:
         packs = nbytes // PACK_BYTES
         call = self._call
         self._call = (call + 1) % _CALL_IDS
+        if norm is None:
+            kernel, what = self._kernels[(alg, dtype)], (alg, dtype, nbytes)
+        else:
+            kernel, what = self._norm_kernels[(alg, dtype)], (NORM_KERNELS[alg], dtype, nbytes)
         if alg == Algorithm.LAMPORT:
             # Pushes the input itself: needs neither staging nor registration.
             if nbytes > self.limits.lamport_max_bytes:
                 raise CommunicatorError(f"{nbytes} bytes exceed the Lamport slot "
                                         f"({self.limits.lamport_max_bytes} bytes)")
-            self._recent[call % _RECENT_CALLS] = (alg, dtype, nbytes)
-            self._launcher(self._kernels[(alg, dtype)], LAMPORT_BLOCKS, self._context, 0, inp, out,
-                           packs, call, stream)
-            return alg
-        per_block = packs if alg == Algorithm.ONE_SHOT else -(-packs // self.world_size)
-        blocks = max(1, min(self.limits.max_blocks, -(-per_block // THREADS)))
-        if self._registering and inp != out and is_capturing(stream):
-            slot = self._next_slot
-            if slot >= GRAPH_SLOTS:
-                raise CommunicatorError(
-                    f"more than {GRAPH_SLOTS - 1} all-reduces captured on one custom communicator; "
-                    "create a new communicator for further graphs")
-            self._next_slot += 1
-            self._pending.append((slot, inp))
-            self._captured[call] = (alg, dtype, nbytes)
-            data, source = self._rank_data + slot * RANK_DATA_BYTES, 0
+            self._recent[call % _RECENT_CALLS] = what
+            blocks, data, source = LAMPORT_BLOCKS, 0, inp
         else:
-            self._recent[call % _RECENT_CALLS] = (alg, dtype, nbytes)
-            data, source = self._rank_data, inp
-        self._launcher(self._kernels[(alg, dtype)], blocks, self._context, data, source, out,
-                       packs, call, stream)
+            if norm is None:  # packs, over blocks of THREADS threads
+                wanted = -(-(packs if alg == Algorithm.ONE_SHOT else -(-packs // self.world_size)) // THREADS)
+            else:  # a block per row
+                rows = packs // norm[3]
+                wanted = rows if alg == Algorithm.ONE_SHOT else -(-rows // self.world_size)
+            blocks = max(1, min(self.limits.max_blocks, wanted))
+            if self._registering and inp != out and is_capturing(stream):
+                slot = self._next_slot
+                if slot >= GRAPH_SLOTS:
+                    raise CommunicatorError(
+                        f"more than {GRAPH_SLOTS - 1} all-reduces captured on one custom communicator; "
+                        "create a new communicator for further graphs")
+                self._next_slot += 1
+                self._pending.append((slot, inp))
+                self._captured[call] = what
+                data, source = self._rank_data + slot * RANK_DATA_BYTES, 0
+            else:
+                self._recent[call % _RECENT_CALLS] = what
+                data, source = self._rank_data, inp
+        if norm is None:
+            self._launcher(kernel, blocks, self._context, data, source, out, packs, call, stream)
+        else:
+            self._norm_launcher.launch(kernel, blocks, self._context, data, source, out, packs, call, stream, norm)
         return alg
+
+    def norm_algorithm(self, nbytes: int) -> str:
+        """The fused kernel's algorithm: two-shot only where both of its results fit its scratch buffer."""
+        alg = self.algorithm(nbytes)
+        return Algorithm.ONE_SHOT if alg == Algorithm.TWO_SHOT and 2 * nbytes > self.limits.max_bytes else alg
+
+    def launch_norm(self, dtype: str, inp: int, out: int, nbytes: int, stream: int,
+                    norm: tuple[int, int, int, int, float], algorithm: Optional[str] = None) -> str:
+        """Enqueue one fused all-reduce + residual add + RMSNorm (``struct Norm`` in the kernel).
+
+        ``norm`` is (residual_in, residual_out, weight, packs per row, eps);
+        ``inp`` and ``out`` as in :meth:`launch`. Returns the algorithm used.
+        """
+        if algorithm == Algorithm.TWO_SHOT and 2 * nbytes > self.limits.max_bytes:
+            algorithm = Algorithm.ONE_SHOT
+        return self.launch(dtype, inp, out, nbytes, stream, algorithm or self.norm_algorithm(nbytes), norm)
 
     def register_graph_buffers(self) -> int:
         """Exchange the IPC addresses of every input captured since the last call.
@@ -426,8 +460,8 @@ def _compile(world_size: int, defines: tuple[str, ...] = ()):
 
     source_dir = kernel_source_dir()
     code = (source_dir / "custom_all_reduce.cu").read_text()
-    names = [f"distrib::{alg}<{k}, {world_size}>" for alg in ALGORITHMS
-             for k in KERNEL_TYPES.values()] + ["distrib::p2p_write_test"]
+    names = [f"distrib::{kernel}<{k}, {world_size}>" for alg in ALGORITHMS
+             for kernel in (alg, NORM_KERNELS[alg]) for k in KERNEL_TYPES.values()] + ["distrib::p2p_write_test"]
     options = ("--std=c++17", f"-I{source_dir}") + defines
     try:
         module = cupy.RawModule(code=code, options=options, name_expressions=names)

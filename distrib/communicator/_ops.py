@@ -15,6 +15,9 @@ The operators, in the ``distrib`` namespace (``Tensor(a!)``: written in place):
 - ``all_gather_out(Tensor tensor, Tensor(a!) out, int handle) -> ()``
 - ``reduce_scatter_out(Tensor tensor, Tensor(a!) out, int handle, str op) -> ()``
 - ``broadcast_(Tensor(a!) tensor, int handle, int src) -> ()``
+- ``all_reduce_add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, int handle) -> ()``
+- ``all_reduce_add_rms_norm_out(Tensor x, Tensor residual, Tensor weight, float eps, Tensor(a!) out,
+  Tensor(b!) residual_out, int handle) -> ()``
 
 Calls without ``out`` that make a new tensor (``all_gather``,
 ``reduce_scatter``) allocate it in the graph and use the ``_out`` form.
@@ -38,7 +41,7 @@ from ..errors import CommunicatorError
 from . import _handles, _tensors
 from ._types import Collective, ReduceOp
 
-__all__ = ["all_gather", "all_reduce", "broadcast", "reduce_scatter"]
+__all__ = ["all_gather", "all_reduce", "all_reduce_add_rms_norm", "broadcast", "reduce_scatter"]
 
 NAMESPACE = "distrib"
 
@@ -72,6 +75,24 @@ def reduce_scatter(comm, tensor, op, out):
 def broadcast(comm, tensor, src):
     torch.ops.distrib.broadcast_.default(tensor, comm.handle, src)
     return tensor
+
+
+def all_reduce_add_rms_norm(comm, x, residual, weight, eps, out, residual_out):
+    if out is None and residual_out is None:
+        torch.ops.distrib.all_reduce_add_rms_norm_.default(x, residual, weight, eps, comm.handle)
+        return x, residual
+    # One result in place, the other not: the out-of-place operator, then a copy back.
+    new_out = out if out is not None else torch.empty_like(x)
+    new_residual = residual_out if residual_out is not None else torch.empty_like(residual)
+    torch.ops.distrib.all_reduce_add_rms_norm_out.default(x, residual, weight, eps, new_out, new_residual,
+                                                          comm.handle)
+    if out is None:
+        x.copy_(new_out)
+        return x, new_residual
+    if residual_out is None:
+        residual.copy_(new_residual)
+        return new_out, residual
+    return new_out, new_residual
 
 
 def _op_name(op) -> str:
@@ -110,6 +131,14 @@ def _broadcast_(tensor, handle: int, src: int) -> None:
     _handles.lookup(handle).broadcast(tensor, src)
 
 
+def _all_reduce_add_rms_norm_(x, residual, weight, eps: float, handle: int) -> None:
+    _handles.lookup(handle)._eager_all_reduce_add_rms_norm(x, residual, weight, eps, None, None)
+
+
+def _all_reduce_add_rms_norm_out(x, residual, weight, eps: float, out, residual_out, handle: int) -> None:
+    _handles.lookup(handle)._eager_all_reduce_add_rms_norm(x, residual, weight, eps, out, residual_out)
+
+
 # -- trace time: the checks that shapes alone allow ----------------------------------------
 
 def _check(handle: int, collective: Collective, tensor, op: str = "sum", out=None, root: int = 0) -> None:
@@ -127,6 +156,28 @@ def _check(handle: int, collective: Collective, tensor, op: str = "sum", out=Non
                                        addresses=False)
         if problem is not None:
             raise CommunicatorError(f"{collective}: out {problem}")
+
+
+def _check_fused(handle: int, x, residual, weight, eps, out=None, residual_out=None) -> None:
+    from . import _fused
+
+    comm = _handles.lookup(handle)
+    if comm.closed:
+        raise CommunicatorError(f"{_fused.NAME} traced with a closed communicator ({comm!r}); "
+                                "create a new one and compile with it")
+    problem = _fused.shape_problem(x, residual, weight, eps, out, residual_out)
+    if problem is None:
+        problem = comm._reject(Collective.ALL_REDUCE, _tensors.shape_view(x), ReduceOp.SUM, 0)
+    if problem is not None:
+        raise CommunicatorError(f"{comm.name} {_fused.NAME}: {problem}")
+
+
+def _fake_all_reduce_add_rms_norm_(x, residual, weight, eps, handle):
+    _check_fused(handle, x, residual, weight, eps)
+
+
+def _fake_all_reduce_add_rms_norm_out(x, residual, weight, eps, out, residual_out, handle):
+    _check_fused(handle, x, residual, weight, eps, out, residual_out)
 
 
 def _fake_all_reduce_(tensor, handle, op):
@@ -160,6 +211,12 @@ _SCHEMAS: dict[str, tuple[str, Callable[..., Any], Callable[..., Any]]] = {
     "reduce_scatter_out": ("(Tensor tensor, Tensor(a!) out, int handle, str op) -> ()",
                            _reduce_scatter_out, _fake_reduce_scatter_out),
     "broadcast_": ("(Tensor(a!) tensor, int handle, int src) -> ()", _broadcast_, _fake_broadcast_),
+    "all_reduce_add_rms_norm_": (
+        "(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, int handle) -> ()",
+        _all_reduce_add_rms_norm_, _fake_all_reduce_add_rms_norm_),
+    "all_reduce_add_rms_norm_out": (
+        "(Tensor x, Tensor residual, Tensor weight, float eps, Tensor(a!) out, Tensor(b!) residual_out, "
+        "int handle) -> ()", _all_reduce_add_rms_norm_out, _fake_all_reduce_add_rms_norm_out),
 }
 
 

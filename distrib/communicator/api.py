@@ -153,6 +153,80 @@ class Communicator(ABC):
         """:meth:`all_reduce` when nothing is being traced (what the operator of a compiled graph runs)."""
         return self._run(Collective.ALL_REDUCE, tensor, op, out, 0)
 
+    def all_reduce_add_rms_norm(self, x: Any, residual: Any, weight: Any, eps: float = 1e-6, *,
+                                out: Any = None, residual_out: Any = None) -> tuple[Any, Any]:
+        """``residual += all_reduce(x)``, then ``x = rms_norm(residual) * weight``; returns ``(x, residual)``.
+
+        What ends every tensor-parallel block, as vLLM's ``fused_add_rms_norm``
+        after the all-reduce. Torch tensors ``[..., hidden]`` of float16,
+        bfloat16 or float32: ``residual`` like ``x``, ``weight`` ``[hidden]``,
+        all of one dtype and device. The sum is rounded to the dtype before
+        the add (as ``all_reduce`` then ``residual += ...`` round it), the norm
+        is computed in float32 and rounded once:
+        ``x = residual * rsqrt(mean(residual ** 2) + eps) * weight``.
+        In place by default; with ``out`` and/or ``residual_out`` (shaped like
+        ``x``, not overlapping the inputs) the results go there and the
+        inputs they replace are left unchanged.
+
+        Where the communicator has a fused kernel (the custom all-reduce) it
+        is one kernel; elsewhere the all-reduce, then PyTorch's add and norm
+        (:meth:`can_all_reduce_add_rms_norm` says which and why). ``residual``
+        is bitwise the same either way, and ``residual`` must be the same on
+        every rank (as in tensor parallelism).
+        """
+        if _handles.compiling():
+            from . import _ops
+            return _ops.all_reduce_add_rms_norm(self, x, residual, weight, eps, out, residual_out)
+        return self._eager_all_reduce_add_rms_norm(x, residual, weight, eps, out, residual_out)
+
+    def can_all_reduce_add_rms_norm(self, x: Any, residual: Any, weight: Any) -> Optional[str]:
+        """None if :meth:`all_reduce_add_rms_norm` would run one fused kernel, else why it runs unfused.
+
+        Cheap, local and never raises; the same answer on every rank for the
+        same shapes. A call that cannot run at all (mismatched shapes, say)
+        gives its reason too.
+        """
+        from . import _fused
+
+        if self._closed:
+            return f"{self.name} is closed"
+        try:
+            return self._fused_member(_fused.check(self, x, residual, weight, 0.0, None, None))[1]
+        except DistribError as exc:
+            return str(exc)
+
+    def _eager_all_reduce_add_rms_norm(self, x: Any, residual: Any, weight: Any, eps: Any, out: Any,
+                                       residual_out: Any) -> tuple[Any, Any]:
+        from . import _fused
+
+        if self._closed:
+            raise CommunicatorError(f"this {self.name} communicator is closed; create a new one")
+        try:
+            call = _fused.check(self, x, residual, weight, eps, out, residual_out)
+            member, reason = self._fused_member(call)
+        except DistribError as exc:
+            if self.debug:
+                _consensus.check_peers(self, Collective.ALL_REDUCE, error=str(exc))
+            raise
+        if self.debug:
+            _consensus.check_peers(self, Collective.ALL_REDUCE, signature=(
+                _fused.NAME, call.view.dtype_name, list(call.view.shape), call.eps,
+                member.name if member is not None else "unfused"))
+        if member is None:
+            _fused.unfused(self, call)
+        elif call.view.numel:
+            member._all_reduce_add_rms_norm(call)
+        return call.out, call.residual_out
+
+    def _fused_member(self, call: Any) -> tuple[Optional["Communicator"], Optional[str]]:
+        """(the communicator whose fused kernel runs ``call``, None), or (None, why the unfused sequence runs).
+
+        Raises :class:`CommunicatorError` when not even the all-reduce can run.
+        """
+        member = self._select(Collective.ALL_REDUCE, call.view, ReduceOp.SUM, 0)  # a dispatcher's, or self
+        reason = member._rms_norm_reject(call)
+        return (member, None) if reason is None else (None, f"{member.name}: {reason}")
+
     def all_gather(self, tensor: Any, *, out: Any = None) -> Any:
         """Every rank's ``tensor``, concatenated in rank order, on every rank.
 
@@ -361,6 +435,18 @@ class Communicator(ABC):
     def _recv(self, view: TensorView, src: int) -> None:
         """Enqueue receiving into ``view`` from rank ``src``."""
         raise CommunicatorError(f"recv is not supported by {self.name}")
+
+    def _rms_norm_reject(self, call: Any) -> Optional[str]:
+        """Why this communicator has no fused kernel for ``call`` (a checked ``_fused.FusedCall``), or None.
+
+        Asked only once its all-reduce takes ``call.view``. The default: no
+        fused kernel, so the dispatcher runs the all-reduce and PyTorch ops.
+        """
+        return "no fused kernel (runs its all_reduce, then PyTorch's add and RMSNorm)"
+
+    def _all_reduce_add_rms_norm(self, call: Any) -> None:
+        """Enqueue the fused kernel for ``call`` (checked; has elements; ``_rms_norm_reject`` said None)."""
+        raise CommunicatorError(f"all_reduce_add_rms_norm has no fused kernel in {self.name}")
 
     def _torch_all_reduce(self, view: TensorView, op: ReduceOp) -> Optional[Callable[[Any, Any], None]]:
         """Optional: a direct launcher for torch tensors like ``view`` (same dtype, shape, device).

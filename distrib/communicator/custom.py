@@ -147,6 +147,17 @@ class CustomAllReduceCommunicator(Communicator):
         self._engine.launch(_KERNEL_DTYPES[src.dtype], src.ptr, dst.ptr, src.nbytes, stream_of(src),
                             self.algorithm)
 
+    def _rms_norm_reject(self, call) -> Optional[str]:
+        if call.row_bytes % 16:
+            return f"a row of {call.row_bytes} bytes is not a multiple of 16 (the fused kernel's packs)"
+        return None
+
+    def _all_reduce_add_rms_norm(self, call) -> None:
+        self._engine.launch_norm(
+            _KERNEL_DTYPES[call.view.dtype], call.view.ptr, call.out.data_ptr(), call.view.nbytes,
+            stream_of(call.view), (call.residual.data_ptr(), call.residual_out.data_ptr(), call.weight.data_ptr(),
+                                   call.row_bytes // 16, call.eps), self.algorithm)
+
     def _torch_all_reduce(self, view: TensorView, op: ReduceOp):
         launch, algorithm, index = self._engine.launch, self.algorithm, self.device  # the view's device
         kernel_dtype, nbytes = _KERNEL_DTYPES[view.dtype], view.nbytes
