@@ -23,6 +23,10 @@ the process with a report (``on_error="abort"``, the default) or every later
 call raises (``on_error="raise"``), so that a late peer never yields a wrong
 sum that looks right (the argument is in the kernel's comments).
 
+``all_reduce_add_rms_norm`` runs as one kernel per algorithm (the sum,
+the residual add and the RMSNorm of whole rows, a block per row; see the
+kernel's "Fused" section), for rows of a multiple of 16 bytes.
+
 Ranks may share a GPU (the launchers' ``share_gpu`` mode): CUDA IPC works
 between processes on one device, and the kernels' block counts are capped so
 that the blocks of every rank on a GPU fit on it at once, beside their other

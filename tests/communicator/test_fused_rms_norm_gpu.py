@@ -126,56 +126,71 @@ def _fused_worker(algorithms, dtypes, forms):
     return results
 
 
+# The normalised output against PyTorch's RMSNorm in float32: 1 ulp for the 16-bit types. A
+# float32 output is rounded from a float32 computation whose sum of squares runs in another order
+# than PyTorch's, so it can differ by a few ulps (3 seen on one H100, 7x1024, 2 ranks).
+MAX_ULPS = {"float16": 1, "bfloat16": 1, "float32": 4}
+
+
 @pytest.mark.parametrize("world", (2, 4, 8))
 def test_fused_matches_the_unfused_sequence_for_every_algorithm_dtype_and_shape(world):
     results = _launch(_fused_worker, world, ALGORITHMS, DTYPES, ("in_place", "both"))
-    worst = 0
+    wrong, worst = [], {}
     for key, cases in results[0].items():
-        for rank in range(world):
-            assert [c["digest"] for c in results[rank][key]] == [c["digest"] for c in cases], key
+        dtype = key.split()[1]
+        for rank in range(1, world):
+            if [c["digest"] for c in results[rank][key]] != [c["digest"] for c in cases]:
+                wrong.append(f"{key}: rank {rank} got other bits than rank 0")
         for case in cases:
-            assert case["residual_equal"] and case["kept"], (key, case)
-            worst = max(worst, case["ulps"])
-            assert case["ulps"] <= 1, (key, case)
-    print(f"world {world}: largest error of the normalised output: {worst} ulp")
+            worst[dtype] = max(worst.get(dtype, 0), case["ulps"])
+            if not (case["residual_equal"] and case["kept"] and case["ulps"] <= MAX_ULPS[dtype]):
+                wrong.append(f"{key}: {case}")
+    print(f"world {world}: largest error of the normalised output, in ulps: {worst}")
+    assert wrong == [], "\n".join(wrong[:20])
 
 
 def _graph_worker(replays: int):
+    """Out-of-place calls (registered: peers read x itself) and in-place ones (staged) in one graph."""
     import torch
 
     ctx, comm = _custom()
     rank, world = ctx.rank, ctx.world_size
     shapes = [(1, 4096), (7, 5120), (64, 8192)]
-    static = []
-    for tokens, hidden in shapes:
-        xs, residual, weight = fused_support.inputs(tokens, hidden, torch.bfloat16, world, 1)
-        static.append((xs[rank].cuda(), residual.cuda(), weight.cuda(), torch.empty(tokens, hidden, device="cuda",
-                       dtype=torch.bfloat16), torch.empty(tokens, hidden, device="cuda", dtype=torch.bfloat16)))
+    calls = []  # (shape, in place, x, residual, weight, out, residual_out)
+    for in_place in (False, True):
+        for tokens, hidden in shapes:
+            x, r = (torch.zeros(tokens, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            w = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+            out, r_out = (x, r) if in_place else (torch.empty_like(x), torch.empty_like(r))
+            calls.append(((tokens, hidden), in_place, x, r, w, out, r_out))
+
+    def step():
+        for _, in_place, x, r, w, out, r_out in calls:
+            if in_place:
+                comm.all_reduce_add_rms_norm(x, r, w)
+            else:
+                comm.all_reduce_add_rms_norm(x, r, w, out=out, residual_out=r_out)
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
-        for x, r, w, out, r_out in static:  # warm up
-            comm.all_reduce_add_rms_norm(x, r, w, out=out, residual_out=r_out)
+        step()  # warm up outside the capture
     torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
     with comm.capture():
         with torch.cuda.graph(graph):
-            for x, r, w, out, r_out in static:
-                comm.all_reduce_add_rms_norm(x, r, w, out=out, residual_out=r_out)  # registered: peers read x
-                comm.all_reduce_add_rms_norm(out, r_out, w)                          # staged, in place
+            step()
     worst, right = 0, True
     for replay in range(replays):
         wants = []
-        for (x, r, w, out, r_out), (tokens, hidden) in zip(static, shapes):
-            xs, residual, weight = fused_support.inputs(tokens, hidden, torch.bfloat16, world, 100 + replay)
+        for i, ((tokens, hidden), _, x, r, w, _, _) in enumerate(calls):
+            xs, residual, weight = fused_support.inputs(tokens, hidden, torch.bfloat16, world, 100 * replay + i)
             x.copy_(xs[rank])
             r.copy_(residual)
             w.copy_(weight)
-            once_x, once_r = fused_support.reference(xs, residual, weight)
-            # the second call all-reduces the first one's output (the same on every rank)
-            wants.append(fused_support.reference([once_x] * world, once_r, weight))
+            wants.append(fused_support.reference(xs, residual, weight))
         graph.replay()
-        for (x, r, w, out, r_out), (want_x, want_r) in zip(static, wants):
+        for (_, _, _, _, _, out, r_out), (want_x, want_r) in zip(calls, wants):
             right = right and torch.equal(r_out.cpu(), want_r)
             worst = max(worst, fused_support.ulps(out, want_x))
     torch.cuda.synchronize()
