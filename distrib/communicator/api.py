@@ -203,7 +203,7 @@ class Communicator(ABC):
             raise CommunicatorError(f"this {self.name} communicator is closed; create a new one")
         try:
             call = _fused.check(self, x, residual, weight, eps, out, residual_out)
-            member, reason = self._fused_member(call)
+            member, _ = self._fused_member(call)
         except DistribError as exc:
             if self.debug:
                 _consensus.check_peers(self, Collective.ALL_REDUCE, error=str(exc))
