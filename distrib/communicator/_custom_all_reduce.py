@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 from ..errors import CommunicatorError
 from ._cuda_driver import KernelLauncher, NormLauncher, allocation_of, max_resident_blocks
-from ._ipc import (ERROR_RECORD_WORDS, IpcHandles, StreamOrder, Watchdog, copy_to_device,  # noqa: F401
+from ._ipc import (ErrorRecordOwner, ERROR_RECORD_WORDS, IpcHandles, StreamOrder, Watchdog, copy_to_device,  # noqa: F401
                    is_capturing, keep_until_exit, kernel_source_dir, mapped_error_record, write_through_peers)
 
 logger = logging.getLogger("distrib.communicator.custom")
@@ -97,7 +97,7 @@ def kernel_digest() -> str:
     return digest.hexdigest()[:12]
 
 
-class CustomAllReduceEngine:
+class CustomAllReduceEngine(ErrorRecordOwner):
     """IPC buffers, kernels, graph registration and the fail-stop watchdog of one rank.
 
     ``ranks_per_gpu``: the most ranks of the launch that share one GPU. Their
@@ -290,21 +290,18 @@ class CustomAllReduceEngine:
             self._norm_launcher.launch(kernel, blocks, self._context, data, source, out, packs, call, stream, norm)
         return alg
 
-    def norm_algorithm(self, nbytes: int) -> str:
-        """The fused kernel's algorithm: two-shot only where both of its results fit its scratch buffer."""
-        alg = self.algorithm(nbytes)
-        return Algorithm.ONE_SHOT if alg == Algorithm.TWO_SHOT and 2 * nbytes > self.limits.max_bytes else alg
-
     def launch_norm(self, dtype: str, inp: int, out: int, nbytes: int, stream: int,
                     norm: tuple[int, int, int, int, float], algorithm: Optional[str] = None) -> str:
         """Enqueue one fused all-reduce + residual add + RMSNorm (``struct Norm`` in the kernel).
 
         ``norm`` is (residual_in, residual_out, weight, packs per row, eps);
-        ``inp`` and ``out`` as in :meth:`launch`. Returns the algorithm used.
+        ``inp`` and ``out`` as in :meth:`launch`. Returns the algorithm used:
+        two-shot only where both of its results fit its scratch buffer, else one-shot.
         """
-        if algorithm == Algorithm.TWO_SHOT and 2 * nbytes > self.limits.max_bytes:
-            algorithm = Algorithm.ONE_SHOT
-        return self.launch(dtype, inp, out, nbytes, stream, algorithm or self.norm_algorithm(nbytes), norm)
+        alg = algorithm or self.algorithm(nbytes)
+        if alg == Algorithm.TWO_SHOT and 2 * nbytes > self.limits.max_bytes:
+            alg = Algorithm.ONE_SHOT
+        return self.launch(dtype, inp, out, nbytes, stream, alg, norm)
 
     def register_graph_buffers(self) -> int:
         """Exchange the IPC addresses of every input captured since the last call.
@@ -357,15 +354,6 @@ class CustomAllReduceEngine:
             self._registering -= 1
 
     # -- failures -------------------------------------------------------------------
-    def check(self) -> None:
-        """Raise if a kernel of this communicator gave up (on this rank or, poisoned, on a peer)."""
-        if self.error[0]:
-            raise self.failure()
-
-    def failure(self) -> CommunicatorError:
-        """The error that the error record describes (call only once it is set)."""
-        return CommunicatorError(self.describe_failure())
-
     def describe_failure(self) -> str:
         who, block, call, kind = self.error[0] - 1, self.error[1], self.error[2], self.error[3]
         what = self._call_text(call)

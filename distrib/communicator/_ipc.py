@@ -15,13 +15,13 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import CommunicatorError
 
 logger = logging.getLogger("distrib.communicator.custom")
 
-__all__ = ["kernel_source_dir", "unavailable_reason", "peer_access_problem", "write_through_peers", "check_p2p", "p2p_cache_path", "copy_to_device",
+__all__ = ["ErrorRecordOwner", "kernel_source_dir", "unavailable_reason", "peer_access_problem", "write_through_peers", "check_p2p", "p2p_cache_path", "copy_to_device",
            "mapped_error_record", "is_capturing", "IpcHandles", "StreamOrder", "Watchdog",
            "keep_until_exit"]
 
@@ -255,6 +255,28 @@ def keep_until_exit(*pointers: int) -> None:
     (cudaIpcOpenMemHandle's contract); graphs replayed later may still write an error record.
     The driver reclaims them with the context when the process ends."""
     _kept_until_exit.extend(pointers)
+
+
+class ErrorRecordOwner:
+    """What the IPC engines share about their host-mapped error record (see :class:`Watchdog`).
+
+    A subclass sets ``error`` (the record's words, from :func:`mapped_error_record`)
+    and writes ``describe_failure()``.
+    """
+
+    error: Any
+
+    def describe_failure(self) -> str:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise if a kernel of this communicator gave up (on this rank or, poisoned, on a peer)."""
+        if self.error[0]:
+            raise self.failure()
+
+    def failure(self) -> CommunicatorError:
+        """The error that the error record describes (call only once it is set)."""
+        return CommunicatorError(self.describe_failure())
 
 
 class Watchdog:

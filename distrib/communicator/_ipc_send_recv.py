@@ -13,7 +13,7 @@ from typing import Optional
 
 from ..errors import CommunicatorError
 from ._cuda_driver import SendRecvLauncher
-from ._ipc import (IpcHandles, StreamOrder, Watchdog, copy_to_device, is_capturing, keep_until_exit,
+from ._ipc import (ErrorRecordOwner, IpcHandles, StreamOrder, Watchdog, copy_to_device, is_capturing, keep_until_exit,
                    kernel_source_dir, mapped_error_record, write_through_peers)
 
 logger = logging.getLogger("distrib.communicator.ipc")
@@ -47,7 +47,7 @@ def chunk_size(nbytes: int, chunk_bytes: int) -> int:
     return min(max(per_lane, MIN_CHUNK), chunk_bytes)
 
 
-class IpcSendRecvEngine:
+class IpcSendRecvEngine(ErrorRecordOwner):
     """One rank's end of every send/recv channel of a communicator, through CUDA IPC.
 
     ``chunk_bytes``: the most bytes a lane moves per hand-over (a multiple of
@@ -140,14 +140,6 @@ class IpcSendRecvEngine:
                                    self._names)
 
     # -- failures -------------------------------------------------------------------
-    def check(self) -> None:
-        """Raise if a kernel of this communicator gave up (on this rank or, poisoned, on a peer)."""
-        if self.error[0]:
-            raise self.failure()
-
-    def failure(self) -> CommunicatorError:
-        return CommunicatorError(self.describe_failure())
-
     def describe_failure(self) -> str:
         who, call, kind = self.error[0] - 1, self.error[2], self.error[3]
         what = self._call_text(call)
