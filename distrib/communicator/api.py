@@ -46,7 +46,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional
 from ..coordinator.api import Coordinator
 from ..errors import CommunicatorError, DistribError
 from ..registry import Registry
-from . import _consensus, _handles, _tensors
+from . import _consensus, _fused, _handles, _tensors
 from ._types import Collective, DeviceType, DType, ReduceOp, TensorView
 
 __all__ = ["Collective", "Communicator", "DType", "DeviceType", "ReduceOp", "TensorView",
@@ -186,8 +186,6 @@ class Communicator(ABC):
         same shapes. A call that cannot run at all (mismatched shapes, say)
         gives its reason too.
         """
-        from . import _fused
-
         if self._closed:
             return f"{self.name} is closed"
         try:
@@ -197,8 +195,6 @@ class Communicator(ABC):
 
     def _eager_all_reduce_add_rms_norm(self, x: Any, residual: Any, weight: Any, eps: Any, out: Any,
                                        residual_out: Any) -> tuple[Any, Any]:
-        from . import _fused
-
         if self._closed:
             raise CommunicatorError(f"this {self.name} communicator is closed; create a new one")
         try:
